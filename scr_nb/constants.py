@@ -1,0 +1,113 @@
+"""Facts from the NHS world, each with where it comes from, so a reader can check them.
+
+"samples" means the real Spine messages in ``shared/reference/spine/`` (from the public
+NHSDigital/summary-care-record-api repository); "SPEC" means ``shared/SPEC.md``.
+"""
+
+from __future__ import annotations
+
+# --- Interactions and services (SPEC 5 and 6; samples) -------------------------------------------
+SERVICE = "urn:nhs:names:services:psis"
+GP_SUMMARY_INTERACTION = "REPC_IN150016SM05"
+SOAP_ACTION = f"{SERVICE}/{GP_SUMMARY_INTERACTION}"
+ACK_INTERACTION = "MCCI_IN010000UK13"
+HL7_VERSION_CODE = "V3NPfIT4.2.00"  # versionCode of the GP Summary samples
+
+# --- Namespaces (samples) -------------------------------------------------------------------------
+HL7_NS = "urn:hl7-org:v3"
+SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
+EBXML_NS = "http://www.oasis-open.org/committees/ebxml-msg/schema/msg-header-2_0.xsd"
+XLINK_NS = "http://www.w3.org/1999/xlink"
+HL7_EBXML_NS = "urn:hl7-org:transport/ebXML/DSTUv1.0"
+PRESENTATION_NS = "xhtml:NPfIT:PresentationText"  # gp-summary-standard.xml
+
+# --- OIDs (samples) -------------------------------------------------------------------------------
+OID_INTERACTION = "2.16.840.1.113883.2.1.3.2.4.12"
+OID_ASID = "1.2.826.0.1285.0.2.0.107"
+OID_NHS_NUMBER = "2.16.840.1.113883.2.1.4.1"
+OID_SNOMED = "2.16.840.1.113883.2.1.3.2.4.15"
+OID_SDS_ROLE_PROFILE = "1.2.826.0.1285.0.2.0.67"
+OID_SDS_USER = "1.2.826.0.1285.0.2.0.65"
+OID_SDS_JOB_ROLE = "1.2.826.0.1285.0.2.1.104"
+OID_TEMPLATE = "2.16.840.1.113883.2.1.3.2.4.18.2"
+OID_PRESENTATION_TEXT = "2.16.840.1.113883.2.1.3.2.4.17.126"
+OID_DOSE_INSTRUCTIONS = "2.16.840.1.113883.2.1.3.2.4.17.30"
+OID_SPINE_ERROR_CODES = "2.16.840.1.113883.2.1.3.2.4.17.33"  # ack-AE-psis-35160.mime
+
+# --- Codes (samples; the medication entry from the public SCR GP Summary mapping notes) ----------
+GP_SUMMARY_CODE = "196981000000101"
+GP_SUMMARY_DISPLAY = "General Practice Summary"
+CARE_PROFESSIONAL_DOCUMENTATION = "163171000000105"
+MEDICATION_CRE = "185361000000102"
+ACUTE_MEDICATION_CODE = "222671000000103"
+QUANTITY_CODE = "246205007"
+DEFAULT_JOB_ROLE = "R0260"  # General Medical Practitioner, as in gp-summary-soap-1.xml
+
+# --- Limits and windows (SPEC 5) ------------------------------------------------------------------
+MAX_MESSAGE_BYTES = 4_999_600
+REPEAT_ISSUE_WINDOW_MONTHS = 6
+REPEAT_UNTIL_GRACE_MONTHS = 6
+DISCONTINUED_WINDOW_MONTHS = 6
+ACUTE_WINDOW_MONTHS = 12
+EMPTY_SECTION_TEXT = "No relevant information available for this category"
+
+# --- RBAC (SPEC 7) --------------------------------------------------------------------------------
+B0062 = "B0062"
+B0062_TEXT = (
+    "schedule, manually start, stop and restart bulk uploads, including the initial upload"
+)
+SESSION_HOURS = 10
+
+# --- NHS numbers (SPEC 3 and 4) -------------------------------------------------------------------
+TEST_NHS_NUMBER_RANGE = (9_990_000_000, 9_999_999_999)
+
+# --- Consent codes (SPEC 3): code -> meaning used by eligibility ----------------------------------
+CONSENT_IMPLIED = "9Ndl"
+CONSENT_EXPRESS_CORE = "9Ndm"
+CONSENT_EXPRESS_ADDITIONAL = "9Ndn"
+CONSENT_DISSENT = "9Ndo"
+LEGACY_CONSENT = {"93C2": CONSENT_EXPRESS_ADDITIONAL, "93C3": CONSENT_DISSENT}
+CONSENT_CODES = (
+    CONSENT_IMPLIED,
+    CONSENT_EXPRESS_CORE,
+    CONSENT_EXPRESS_ADDITIONAL,
+    CONSENT_DISSENT,
+    *LEGACY_CONSENT,
+)
+
+# --- Spine error codes (SPEC 6): code -> (plain words, category) ---------------------------------
+# Categories let analysts group failures: data (fix the record), access (RBAC, consent on Spine),
+# duplicate (already there), transport (SOAP faults), kit (decided by the kit itself).
+SPINE_ERRORS: dict[str, tuple[str, str]] = {
+    "0": ("Unspecified error reported by the Spine", "other"),
+    "200": ("Spine service temporarily unavailable (SOAP fault, retried)", "transport"),
+    "206": ("Spine could not process the request in time (SOAP fault, retried)", "transport"),
+    "208": ("Spine message handling failure (SOAP fault, retried)", "transport"),
+    "300": ("Message rejected by the Spine as not valid (SOAP fault)", "transport"),
+    "400": ("Invalid request: the message did not pass the Spine's checks", "data"),
+    "401": ("Duplicate message id", "duplicate"),
+    "410": ("Logical inconsistency in the message", "data"),
+    "420": ("Access control refused the update", "access"),
+    "430": ("Invalid update of the record", "data"),
+    "30134": ("Duplicate event: the patient already holds this summary", "duplicate"),
+    "30312": ("Case not found: the Spine does not know this patient", "data"),
+    "30418": ("Dissent is recorded on the Spine for this patient (access control)", "access"),
+    "35160": ("NHS number missing or incorrect", "data"),
+    "message_too_large": ("The message is over the Spine's 4,999,600 byte limit", "kit"),
+    "ack_timeout": ("No acknowledgement arrived within the ack timeout", "kit"),
+    "retries_exhausted": ("Transient Spine failures did not clear within the retry limit", "transport"),
+    "http_error": ("The Spine answered with an unexpected HTTP status", "transport"),
+}
+RETRIABLE_SOAP_FAULTS = frozenset({"200", "206", "208"})
+PSIS_CODE_MIN_DIGITS = 5  # PSIS codes (30134, 35160...) are five digits; generic ones are three
+
+
+def explain(code: str) -> str:
+    """Plain words for a failure code, for status, reports and the error desk."""
+    known = SPINE_ERRORS.get(str(code))
+    return known[0] if known else f"Spine error code {code}"
+
+
+def category(code: str) -> str:
+    known = SPINE_ERRORS.get(str(code))
+    return known[1] if known else "other"

@@ -1,0 +1,56 @@
+"""The kit's exception tree. Every message says what went wrong and what to do next.
+
+    ScrNbError
+     +-- ExtractError        a practice extract that cannot be read (file, line, column)
+     +-- RefusedError        a job that must not start (carries the mode to use instead)
+     |    +-- SessionError   no session, an invalid or expired one, or no B0062
+     +-- SpineError          the Spine answered something the kit cannot use (retriable or not)
+     +-- StoreError          the store is not one this version can use
+"""
+
+from __future__ import annotations
+
+
+class ScrNbError(Exception):
+    """Base of every error the kit raises on purpose."""
+
+
+class ExtractError(ScrNbError):
+    def __init__(self, path: str, message: str, line: int | None = None, column: str | None = None):
+        self.path, self.line, self.column = str(path), line, column
+        where = self.path
+        if line is not None:
+            where += f", line {line}"
+        if column is not None:
+            where += f", column '{column}'"
+        super().__init__(f"{where}: {message}")
+
+
+class RefusedError(ScrNbError):
+    """A job was refused before anything was sent. ``use_mode`` names the mode to use instead."""
+
+    def __init__(self, message: str, use_mode: str | None = None):
+        self.use_mode = use_mode
+        super().__init__(message)
+
+
+class SessionError(RefusedError):
+    """No usable Smartcard session: missing, forged, expired, or without B0062."""
+
+
+class SpineError(ScrNbError):
+    def __init__(self, message: str, retriable: bool, status: int | None = None,
+                 codes: tuple[str, ...] = ()):
+        self.retriable, self.status, self.codes = retriable, status, codes
+        super().__init__(message)
+
+
+class SessionRejected(SpineError):
+    """The Spine answered 401: the session token is missing, forged or expired."""
+
+    def __init__(self, message: str = "the Spine rejected the session token (401)"):
+        super().__init__(message, retriable=False, status=401)
+
+
+class StoreError(ScrNbError):
+    pass
