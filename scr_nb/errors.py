@@ -54,3 +54,7 @@ class SessionRejected(SpineError):
 
 class StoreError(ScrNbError):
     pass
+
+
+class SessionExpired(ScrNbError):
+    """The Smartcard session ended: the kit stops sending (job reason ``session_expired``)."""

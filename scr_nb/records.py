@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import date
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Patient:
     patient_id: str
     nhs_number: str          # digits only (spaces and dashes removed); may be empty or invalid
@@ -30,7 +30,7 @@ class Patient:
     problems: tuple[str, ...] = ()   # "column: what is wrong", for malformed rows
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Medication:
     patient_id: str
     medication_id: str
@@ -45,7 +45,7 @@ class Medication:
     row: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Allergy:
     patient_id: str
     allergy_id: str
@@ -57,7 +57,7 @@ class Allergy:
     row: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConsentEntry:
     patient_id: str
     code: str                # normalised: suffix and trailing dot removed, legacy codes kept as given

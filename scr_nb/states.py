@@ -25,7 +25,7 @@ PATIENT_TRANSITIONS: dict[PatientState, frozenset[PatientState]] = {
     P.SENDING: frozenset({P.TRANSMITTED, P.FAILED, P.QUEUED, P.ACKNOWLEDGED}),
     P.TRANSMITTED: frozenset({P.ACKNOWLEDGED, P.FAILED}),
     # A new job (Rerun, Failed) or a changed extract takes a patient back to the start.
-    P.ACKNOWLEDGED: frozenset({P.UNPROCESSED, P.QUEUED, P.NOT_REQUIRED}),
+    P.ACKNOWLEDGED: frozenset({P.UNPROCESSED, P.QUEUED, P.FAILED, P.NOT_REQUIRED}),
     P.FAILED: frozenset({P.UNPROCESSED, P.QUEUED, P.NOT_REQUIRED}),
     P.NOT_REQUIRED: frozenset({P.UNPROCESSED, P.NOT_REQUIRED}),
 }

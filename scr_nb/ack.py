@@ -1,0 +1,136 @@
+"""Reading what the Spine answers: MCCI_IN010000UK13 application acks and SOAP faults (SPEC 6).
+
+The real acks in ``reference/spine/`` differ in wrapper (ebXML MIME multipart, a SOAP envelope) and
+in how a reason's qualifier is written (``qualifier/@code`` or ``qualifier/value/@code``), so the
+parser looks elements up by local name and ignores namespaces and wrappers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lxml import etree
+
+from .constants import PSIS_CODE_MIN_DIGITS
+from .errors import SpineError
+from .mime import parse_related
+
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+
+
+@dataclass(frozen=True)
+class AckReason:
+    code: str
+    display: str
+    qualifier: str          # ER (error), WG (warning), IF (information), or "" when absent
+    code_system: str
+
+
+@dataclass(frozen=True)
+class Ack:
+    type_code: str          # AA accepted, AE error, AR rejected
+    message_ref: str        # the id of the message this acknowledges
+    reasons: tuple[AckReason, ...] = ()
+    detail: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.type_code == "AA"
+
+    @property
+    def failure_code(self) -> str | None:
+        """The most specific code: the PSIS one (five digits, e.g. 35160) when present, else the
+        first. None for an accepted ack."""
+        if self.accepted:
+            return None
+        codes = [r.code for r in self.reasons if r.code]
+        for code in codes:
+            if len(code) >= PSIS_CODE_MIN_DIGITS and code.isdigit():
+                return code
+        return codes[0] if codes else self.type_code
+
+    @property
+    def codes(self) -> tuple[str, ...]:
+        return tuple(r.code for r in self.reasons)
+
+
+def _local(tag: object) -> str:
+    return etree.QName(tag).localname if isinstance(tag, str) else ""
+
+
+def _xml_documents(body: bytes, content_type: str | None) -> list[etree._Element]:
+    documents = []
+    for part in parse_related(body, content_type):
+        text = part.body.strip()
+        if not text.startswith(b"<"):
+            continue
+        try:
+            documents.append(etree.fromstring(text, _PARSER))
+        except etree.XMLSyntaxError:
+            continue
+    return documents
+
+
+def _first(root: etree._Element, name: str) -> etree._Element | None:
+    for element in root.iter():
+        if _local(element.tag) == name:
+            return element
+    return None
+
+
+def parse_ack(body: bytes, content_type: str | None = None) -> Ack:
+    """Parse an application ack in any of the wrappers the Spine uses.
+
+    Raises SpineError (not retriable) when no MCCI acknowledgement can be found."""
+    for root in _xml_documents(body, content_type):
+        ack = _first(root, "acknowledgement")
+        if ack is None:
+            continue
+        ref = None
+        message_ref = next((e for e in ack.iter() if _local(e.tag) == "messageRef"), None)
+        if message_ref is not None:
+            ref = next((e.get("root") for e in message_ref.iter() if _local(e.tag) == "id"), None)
+        reasons = []
+        for issue in root.iter():
+            if _local(issue.tag) != "justifyingDetectedIssueEvent":
+                continue
+            code = next((e for e in issue if _local(e.tag) == "code"), None)
+            if code is None:
+                continue
+            qualifier = ""
+            for q in code.iter():
+                if _local(q.tag) == "qualifier":
+                    qualifier = q.get("code") or next(
+                        (v.get("code", "") for v in q if _local(v.tag) == "value"), "")
+                    break
+            reasons.append(AckReason(code=(code.get("code") or "").strip(),
+                                     display=code.get("displayName") or "",
+                                     qualifier=qualifier,
+                                     code_system=code.get("codeSystem") or ""))
+        detail_el = _first(root, "detail")
+        detail = (detail_el.text or "").strip() if detail_el is not None else ""
+        return Ack(type_code=(ack.get("typeCode") or "").strip(), message_ref=ref or "",
+                   reasons=tuple(reasons), detail=detail)
+    raise SpineError("the Spine's answer holds no MCCI_IN010000UK13 acknowledgement",
+                     retriable=False)
+
+
+@dataclass(frozen=True)
+class SoapFault:
+    code: str
+    description: str
+
+
+def parse_soap_fault(body: bytes, content_type: str | None = None) -> SoapFault | None:
+    """The error code and words of a SOAP fault, or None when the body holds none."""
+    for root in _xml_documents(body, content_type):
+        fault = _first(root, "Fault")
+        if fault is None:
+            continue
+        code_el = _first(fault, "errorCode")
+        words = _first(fault, "description")
+        if words is None:
+            words = _first(fault, "faultstring")
+        return SoapFault(code=(code_el.text or "").strip() if code_el is not None else "",
+                         description=(words.text or "").strip() if words is not None else "")
+    return None

@@ -1,0 +1,125 @@
+"""Who gets a GP Summary (SPEC 4): exactly one reason for every patient who does not.
+
+The reasons are tried in the order of ``states.NOT_REQUIRED_REASONS``; the first that applies wins.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+from .constants import CONSENT_DISSENT, LEGACY_CONSENT
+from .nhs_number import is_valid
+from .records import ConsentEntry, Patient, Practice
+from .states import NOT_REQUIRED_REASONS
+
+DISSENT_POLICIES = ("exclude", "blank")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Eligibility settings. ``update_existing_after_days``: None keeps patients who already hold a
+    national summary out (the default); a number lets those registered longer than that be sent."""
+
+    today: date
+    dissent: str = "exclude"
+    update_existing_after_days: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dissent not in DISSENT_POLICIES:
+            raise ValueError(f"dissent policy must be one of {', '.join(DISSENT_POLICIES)}, "
+                             f"not {self.dissent!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome for one patient row. ``key`` is unique per row (see ``patient_key``)."""
+
+    key: str
+    patient: Patient
+    reason: str | None      # None: eligible
+    dissent: bool = False   # eligible under the `blank` policy: send a summary stating dissent
+
+    @property
+    def eligible(self) -> bool:
+        return self.reason is None
+
+
+def patient_key(patient: Patient, duplicated_ids: set[str]) -> str:
+    """The store's key for a row: the patient_id, or id and line when the id is on several rows."""
+    if patient.patient_id in duplicated_ids:
+        return f"{patient.patient_id} (line {patient.row})"
+    return patient.patient_id
+
+
+def latest_consent(entries: list[ConsentEntry] | None) -> str | None:
+    """The latest entry wins (by recorded_on, then by position in the file); legacy codes mapped."""
+    if not entries:
+        return None
+    dated = [e for e in entries if e.recorded_on is not None] or entries
+    latest = max(dated, key=lambda e: (e.recorded_on or date.min, e.row))
+    return LEGACY_CONSENT.get(latest.code, latest.code)
+
+
+def decide(practice: Practice, policy: Policy) -> list[Decision]:
+    """One Decision per patient row, in file order."""
+    ids = Counter(p.patient_id for p in practice.patients)
+    numbers = Counter(p.nhs_number for p in practice.patients if is_valid(p.nhs_number))
+    duplicated_ids = {pid for pid, n in ids.items() if n > 1}
+    decisions = []
+    for patient in practice.patients:
+        key = patient_key(patient, duplicated_ids)
+        reason = _reason(patient, policy, practice, ids, numbers)
+        dissent = False
+        if reason is None and latest_consent(practice.consent.get(patient.patient_id)) == CONSENT_DISSENT:
+            if policy.dissent == "exclude":
+                reason = "dissent"
+            else:
+                dissent = True
+        decisions.append(Decision(key, patient, reason, dissent))
+    return decisions
+
+
+def _reason(patient: Patient, policy: Policy, practice: Practice, ids: Counter,
+            numbers: Counter) -> str | None:
+    if patient.problems:
+        return "malformed_record"
+    if ids[patient.patient_id] > 1 or (is_valid(patient.nhs_number) and numbers[patient.nhs_number] > 1):
+        return "duplicate_record"
+    if not patient.nhs_number:
+        return "no_nhs_number"
+    if not is_valid(patient.nhs_number):
+        return "invalid_nhs_number"
+    if patient.registration_type != "permanent":
+        return "not_permanent"
+    if patient.left_on is not None:
+        return "left_practice"
+    if patient.deceased_on is not None:
+        return "deceased"
+    if patient.fp69:
+        return "fp69"
+    if patient.sensitive:
+        return "sensitive"
+    if not patient.pds_synchronised:
+        return "not_pds_synchronised"
+    if patient.has_national_summary and not _may_update(patient, policy):
+        return "existing_summary"
+    return None
+
+
+def _may_update(patient: Patient, policy: Policy) -> bool:
+    days = policy.update_existing_after_days
+    if days is None or patient.registered_on is None:
+        return False
+    return patient.registered_on + timedelta(days=days) < policy.today
+
+
+def summarise(decisions: list[Decision]) -> dict:
+    """The dry-run figures of ``scr-nb eligibility --json``: every reason listed, in SPEC order."""
+    by_reason = Counter(d.reason for d in decisions if d.reason)
+    return {
+        "total": len(decisions),
+        "eligible": sum(1 for d in decisions if d.eligible),
+        "not_required_by_reason": {r: by_reason.get(r, 0) for r in NOT_REQUIRED_REASONS},
+    }

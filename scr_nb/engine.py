@@ -1,0 +1,500 @@
+"""The upload engine (SPEC 8): one job = one mode over one scope.
+
+It orchestrates and nothing else: the extract and eligibility decide who, ``message`` builds the
+XML, ``spine_client`` speaks HTTP, ``store`` keeps every state change. The store, the Spine client
+and the clock are handed in, so tests can replace any of them.
+
+Flow of one patient: build -> store (queued, id committed) -> POST with retries (sending) -> 202
+(transmitted) -> poll -> AA (acknowledged) or AE/AR, retries exhausted, ack timeout (failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .ack import Ack
+from .clock import SystemClock
+from .constants import MAX_MESSAGE_BYTES
+from .eligibility import Decision, Policy, decide, summarise
+from .errors import RefusedError, SessionExpired, SessionRejected, SpineError
+from .extract import load_practice
+from .message import Author, OutboundMessage, Windows, build_message, new_id, select_content
+from .practice_log import PracticeLog
+from .records import Practice
+from .session import Session
+from .spine_client import Attempt, RateLimiter, SpineClient
+from .states import RESUMABLE, JobStatus, Mode, PatientState, StopReason, counters
+from .store import Job, Store
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    mode: Mode
+    group: str | None = None
+    concurrency: int = 8
+    rate_limit: float | None = None          # messages a second, None: no limit
+    ack_timeout: float = 600.0               # seconds from 202 to the ack
+    dissent: str = "exclude"                 # exclude | blank
+    skip_acknowledged: bool = False          # rerun only
+    update_existing_after_days: int | None = None
+    retry_window: float = 600.0              # seconds of transient failures before giving up
+    sender_asid: str = "200000000001"
+    receiver_asid: str = "990101234567"
+    practice_ods: str = "A12345"
+    practice_name: str = "scr-nb demonstration practice"
+
+    def settings(self) -> dict:
+        data = asdict(self)
+        data["mode"] = self.mode.value
+        return data
+
+
+@dataclass
+class Progress:
+    """One snapshot of a running job: the numbers the CLI bar, the widgets and reports show."""
+
+    job_id: int = 0
+    mode: str = ""
+    group: str | None = None
+    status: str = "running"
+    patients_in_scope: int = 0
+    checked: int = 0                 # patients checked for eligibility
+    eligible: int = 0
+    to_send: int = 0                 # messages this job has to get acknowledged
+    queued: int = 0                  # messages sent to the outbound queue
+    transmitted: int = 0
+    acknowledged: int = 0
+    failed: int = 0
+    failed_by_code: dict[str, int] = field(default_factory=dict)
+    elapsed: float = 0.0
+    session_expires_at: str | None = None
+
+    @property
+    def done(self) -> int:
+        return self.acknowledged + self.failed
+
+    @property
+    def rate(self) -> float:
+        """Messages finished (acknowledged or failed) a second."""
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def average_seconds_per_patient(self) -> float | None:
+        return self.elapsed / self.done if self.done else None
+
+    @property
+    def eta_seconds(self) -> float | None:
+        remaining = self.to_send - self.done
+        if remaining <= 0:
+            return 0.0
+        return remaining / self.rate if self.rate > 0 else None
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.update(rate=round(self.rate, 3), eta_seconds=self.eta_seconds,
+                    average_seconds_per_patient=self.average_seconds_per_patient)
+        return data
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job: Job
+    progress: Progress
+    statistics: dict
+
+    @property
+    def completed(self) -> bool:
+        return self.job.status == JobStatus.COMPLETED.value
+
+
+class JobControl:
+    """Asks a running job to stop. Stop -> paused; Stop and Close -> stopped; Cancel -> cancelled.
+
+    Safe to call from another thread (the CLI's signal handler, a widget's button): the engine
+    reads the request before it takes each patient and before each send."""
+
+    def __init__(self) -> None:
+        self.requested: JobStatus | None = None
+        self.reason: StopReason | None = None
+
+    def request(self, status: JobStatus, reason: StopReason) -> None:
+        if self.requested is None or status == JobStatus.CANCELLED:
+            self.requested, self.reason = status, reason
+
+    def stop(self) -> None:
+        self.request(JobStatus.PAUSED, StopReason.USER_STOP)
+
+    def stop_and_close(self) -> None:
+        self.request(JobStatus.STOPPED, StopReason.USER_STOP)
+
+    def cancel(self) -> None:
+        self.request(JobStatus.CANCELLED, StopReason.USER_CANCEL)
+
+    @property
+    def stopping(self) -> bool:
+        return self.requested is not None
+
+
+@dataclass
+class _Work:
+    pkey: str
+    message: OutboundMessage | None = None   # set when it has to be (re)sent
+    poll_url: str | None = None              # set when it only has to be polled
+
+
+class Engine:
+    def __init__(self, store: Store, session: Session, spine_url: str, practice_dir: str | Path,
+                 *, clock: SystemClock | None = None,
+                 client_factory: Callable[..., SpineClient] | None = None,
+                 on_progress: Callable[[Progress], None] | None = None,
+                 control: JobControl | None = None):
+        self.store, self.session, self.spine_url = store, session, spine_url
+        self.practice_dir = Path(practice_dir)
+        self.clock = clock or SystemClock()
+        self.client_factory = client_factory or SpineClient
+        self.on_progress = on_progress
+        self.control = control or JobControl()
+        self.log = PracticeLog(store.path)
+
+    # --- preparing ----------------------------------------------------------------------------
+
+    def prepare(self, options: JobOptions) -> tuple[Practice, dict[str, Decision]]:
+        """Read the extract, decide eligibility, bring the store in line. Sends nothing."""
+        practice = load_practice(self.practice_dir, today=self.clock.today())
+        policy = Policy(today=self.clock.today(), dissent=options.dissent,
+                        update_existing_after_days=options.update_existing_after_days)
+        decisions = decide(practice, policy)
+        self.store.sync_patients((d.key, d.patient.patient_id, d.patient.nhs_number,
+                                  d.patient.row, d.reason, d.dissent) for d in decisions)
+        self.store.sync_extract_groups(practice.groups)
+        self.dry_run = summarise(decisions)
+        return practice, {d.key: d for d in decisions}
+
+    def _refuse(self, options: JobOptions, message: str, use_mode: str | None = None) -> None:
+        self.log.write("refused", mode=options.mode.value, group=options.group,
+                       user_id=self.session.user_id, reason=message, use_mode=use_mode)
+        raise RefusedError(message, use_mode)
+
+    def _chain(self, options: JobOptions) -> tuple[int | None, str, str | None]:
+        """(chain id or None for a new chain, the work rule, the group) or a refusal."""
+        mode, group = options.mode, options.group
+        if group is not None and not self.store.has_group(group):
+            names = ", ".join(self.store.group_names()) or "none"
+            self._refuse(options, f"there is no Patient Group called {group!r} (groups: {names})")
+        if mode == Mode.RESUME:
+            latest = self.store.latest_job(any_scope=True)
+            if latest is None or latest.status == JobStatus.COMPLETED.value:
+                self._refuse(options, "there is nothing to resume: no stopped, paused or cancelled "
+                                      "upload in this store. Use Run, Rerun or Failed.")
+            if group is not None and group != latest.group:
+                self._refuse(options, f"the upload to resume is for "
+                                      f"{latest.group or 'the whole list'}, not {group!r}; "
+                                      "resume it without --group or with its own group.")
+            if latest.status == JobStatus.RUNNING.value:
+                # Its process is gone (one job per store): close it so the chain goes on here.
+                self.store.end_job(latest.id, JobStatus.STOPPED, None, latest.totals)
+            return latest.chain_id, latest.chain_mode, latest.group
+        latest = self.store.latest_job(group)
+        if latest is not None and (latest.status in {s.value for s in RESUMABLE}
+                                   or latest.status == JobStatus.RUNNING.value):
+            if mode == Mode.RUN:
+                self._refuse(options, "the upload is partially completed: use Resume to continue "
+                                      "it.", "resume")
+        if mode == Mode.RUN and latest is not None and latest.status == JobStatus.COMPLETED.value:
+            self._refuse(options, "the initial upload has already run to completion: use Rerun "
+                                  "to send every summary again or Failed to reprocess failures.",
+                         "rerun or failed")
+        if mode == Mode.FAILED and not self.store.count_in_scope(group, PatientState.FAILED):
+            self._refuse(options, "there are no failed patients to reprocess in "
+                                  f"{group or 'the whole list'}.")
+        return None, mode.value, group
+
+    # --- running --------------------------------------------------------------------------------
+
+    def run(self, options: JobOptions) -> JobResult:
+        return asyncio.run(self.run_async(options))
+
+    async def run_async(self, options: JobOptions) -> JobResult:
+        try:
+            self.session.require_b0062(self.clock.now())
+        except RefusedError as err:
+            self.log.write("refused", mode=options.mode.value, group=options.group,
+                           user_id=self.session.user_id, reason=str(err))
+            raise
+        practice, decisions = self.prepare(options)
+        chain_id, chain_mode, group = self._chain(options)
+        job = self.store.start_job(options.mode.value, chain_mode, group, chain_id,
+                                   self.session.user_id, self.session.name, options.settings())
+        chain_id = job.chain_id
+        in_scope, eligible = self.store.scope_size(group)
+        progress = Progress(job_id=job.id, mode=job.mode, group=group,
+                            patients_in_scope=in_scope, checked=in_scope, eligible=eligible,
+                            session_expires_at=self.session.expires_at.isoformat())
+        self.log.write("job_start", job_id=job.id, mode=job.mode, chain_mode=chain_mode,
+                       group=group, user_id=self.session.user_id, user_name=self.session.name,
+                       resumes=chain_id if chain_id != job.id else None,
+                       settings={k: v for k, v in options.settings().items()
+                                 if k in ("concurrency", "rate_limit", "ack_timeout", "dissent",
+                                          "skip_acknowledged")},
+                       not_required_by_reason=self.dry_run["not_required_by_reason"])
+        run = _Run(self, options, job, chain_mode, practice, decisions, progress)
+        status, reason = await run.execute()
+        totals = run.statistics()
+        job = self.store.end_job(job.id, status, reason.value if reason else None, totals)
+        progress.status = job.status
+        self.log.write("job_end", job_id=job.id, mode=job.mode, group=group,
+                       user_id=self.session.user_id, status=job.status, reason=job.reason,
+                       counters=totals["counters"])
+        return JobResult(job, progress, totals)
+
+
+class _Run:
+    """The moving parts of one job; lives as long as the job runs."""
+
+    def __init__(self, engine: Engine, options: JobOptions, job: Job, chain_mode: str,
+                 practice: Practice, decisions: dict[str, Decision], progress: Progress):
+        self.engine, self.options, self.job, self.chain_mode = engine, options, job, chain_mode
+        self.store, self.clock, self.control = engine.store, engine.clock, engine.control
+        self.practice, self.decisions, self.progress = practice, decisions, progress
+        self.author = Author(user_id=engine.session.user_id, name=engine.session.name,
+                             role_profile_id=engine.session.role_profile_id,
+                             sender_asid=options.sender_asid,
+                             receiver_asid=options.receiver_asid,
+                             practice_ods=options.practice_ods,
+                             practice_name=options.practice_name)
+        self.windows = Windows(today=self.clock.today())
+        self.started = self.clock.monotonic()
+        self.stop_reason: StopReason | None = None
+        self.stop_status: JobStatus | None = None
+        self.trackers: set[asyncio.Task] = set()
+        self.last_report = 0.0
+
+    # --- bookkeeping --------------------------------------------------------------------------
+
+    def report(self, force: bool = False) -> None:
+        now = self.clock.monotonic()
+        self.progress.elapsed = now - self.started
+        if self.engine.on_progress and (force or now - self.last_report >= 0.2):
+            self.last_report = now
+            self.engine.on_progress(self.progress)
+
+    def record_attempt(self, attempt: Attempt) -> None:
+        if attempt.message_id:
+            self.store.record_attempt(attempt.message_id, attempt.kind, attempt.status,
+                                      attempt.detail)
+
+    def statistics(self) -> dict:
+        """Completion statistics (SPEC 8)."""
+        store = self.store
+        states = store.state_counts()
+        elapsed = self.clock.monotonic() - self.started
+        done = self.progress.done
+        return {
+            "job_id": self.job.id,
+            "mode": self.job.mode,
+            "group": self.job.group,
+            "qualifying_patients": self.progress.eligible,
+            "patients_in_scope": self.progress.patients_in_scope,
+            "counters": counters(states),
+            "states": states,
+            "not_required_by_reason": store.not_required_by_reason(),
+            "failed_by_code": store.failed_by_code(),
+            "this_job": {"to_send": self.progress.to_send, "queued": self.progress.queued,
+                         "transmitted": self.progress.transmitted,
+                         "acknowledged": self.progress.acknowledged,
+                         "failed": self.progress.failed,
+                         "failed_by_code": dict(self.progress.failed_by_code)},
+            "elapsed_seconds": round(elapsed, 3),
+            "average_seconds_per_patient": round(elapsed / done, 4) if done else None,
+            "rate_per_second": round(done / elapsed, 3) if elapsed > 0 else 0.0,
+        }
+
+    def failed(self, message_id: str, code: str, ack: Ack | None = None,
+               ack_body: bytes | None = None) -> None:
+        self.store.mark_failed(message_id, code, ack.type_code if ack else None,
+                               ack.codes if ack else (), ack_body)
+        self.progress.failed += 1
+        self.progress.failed_by_code[code] = self.progress.failed_by_code.get(code, 0) + 1
+        self.report()
+
+    def session_lost(self, err: Exception) -> None:
+        if self.stop_reason is None:
+            self.stop_status, self.stop_reason = JobStatus.STOPPED, StopReason.SESSION_EXPIRED
+            self.engine.log.write("session_expired", job_id=self.job.id,
+                                  user_id=self.engine.session.user_id, detail=str(err))
+
+    @property
+    def halted(self) -> bool:
+        return self.stop_reason is not None or self.control.stopping
+
+    # --- work -----------------------------------------------------------------------------------
+
+    def build(self, pkey: str) -> OutboundMessage | None:
+        """Build and store a new message for one patient; None when it cannot be sent."""
+        decision = self.decisions.get(pkey)
+        if decision is None or not decision.eligible:
+            return None   # no longer in the extract or no longer eligible: sync made it so
+        patient = decision.patient
+        content = select_content(self.practice.medications.get(patient.patient_id, ()),
+                                 self.practice.allergies.get(patient.patient_id, ()),
+                                 self.windows)
+        prior = self.store.patient(pkey)["ack_event_id"]
+        message = build_message(patient, content, author=self.author, message_id=new_id(),
+                                event_id=new_id(), created=self.clock.now(),
+                                prior_event_id=prior, dissent=decision.dissent)
+        if message.size > MAX_MESSAGE_BYTES:
+            self.store.fail_unsent(pkey, self.job.id, self.job.chain_id, message.message_id,
+                                   message.event_id, message.size, "message_too_large")
+            self.progress.failed += 1
+            self.progress.failed_by_code["message_too_large"] = \
+                self.progress.failed_by_code.get("message_too_large", 0) + 1
+            return None
+        self.store.queue_message(pkey, self.job.id, self.job.chain_id, message.message_id,
+                                 message.event_id, prior, message.content_type, message.body)
+        return message
+
+    def stored(self, message_id: str) -> OutboundMessage | None:
+        kept = self.store.message(message_id)
+        if kept is None or not kept.body:
+            return None
+        nhs = self.store.patient(kept.pkey)["nhs_number"]
+        return OutboundMessage(message_id=kept.message_id, event_id=kept.event_id,
+                               nhs_number=nhs, content_type=kept.content_type, body=kept.body)
+
+    def plan(self) -> list[str | _Work]:
+        """In-flight patients first (finished with their original id), then the mode's work."""
+        plan: list[str | _Work] = []
+        for pkey, message_id in self.store.in_flight(self.job.group):
+            kept = self.store.message(message_id)
+            if kept is None:
+                continue
+            if kept.state == PatientState.TRANSMITTED.value and kept.poll_url:
+                plan.append(_Work(pkey, poll_url=kept.poll_url))
+            else:
+                plan.append(_Work(pkey, message=self.stored(message_id)))
+        for pkey in self.store.select_work(self.chain_mode, self.job.chain_id, self.job.group,
+                                           self.options.skip_acknowledged):
+            if self.chain_mode == Mode.FAILED.value:
+                row = self.store.patient(pkey)
+                kept = self.store.message(row["message_id"]) if row["message_id"] else None
+                if kept is not None and kept.failure_code == "ack_timeout" and kept.body:
+                    # The Spine may hold it: same id, and duplicate elimination answers.
+                    self.store.requeue(pkey, kept.message_id, self.job.id, self.job.chain_id)
+                    plan.append(_Work(pkey, message=self.stored(kept.message_id)))
+                    continue
+            plan.append(pkey)
+        return plan
+
+    async def execute(self) -> tuple[JobStatus, StopReason | None]:
+        plan = self.plan()
+        self.progress.to_send = len(plan)
+        self.report(force=True)
+        limiter = RateLimiter(self.options.rate_limit, clock=self.clock.monotonic,
+                              sleep=self.clock.sleep) if self.options.rate_limit else None
+        client = self.engine.client_factory(
+            self.engine.spine_url, self.engine.session, asid=self.options.sender_asid,
+            rate_limiter=limiter, concurrency=self.options.concurrency,
+            retry_window=self.options.retry_window, now=self.clock.now, sleep=self.clock.sleep,
+            on_attempt=self.record_attempt)
+        self.client = client
+        queue: asyncio.Queue = asyncio.Queue(maxsize=self.options.concurrency * 2)
+        try:
+            producer = asyncio.create_task(self.produce(plan, queue))
+            senders = [asyncio.create_task(self.send_loop(queue))
+                       for _ in range(self.options.concurrency)]
+            await producer
+            for _ in senders:
+                await queue.put(None)
+            await asyncio.gather(*senders)
+            # Acks of transmitted messages are tracked to the end, whatever stopped the sending.
+            while self.trackers:
+                await asyncio.gather(*list(self.trackers), return_exceptions=False)
+        finally:
+            for task in self.trackers:
+                task.cancel()
+            await client.aclose()
+        self.report(force=True)
+        if self.stop_reason is not None:
+            return self.stop_status, self.stop_reason
+        if self.control.stopping:
+            return self.control.requested, self.control.reason
+        return JobStatus.COMPLETED, None
+
+    async def produce(self, plan: list[str | _Work], queue: asyncio.Queue) -> None:
+        for item in plan:
+            if self.halted:
+                return
+            if isinstance(item, str):
+                message = self.build(item)
+                if message is None:
+                    continue
+                item = _Work(item, message=message)
+            self.progress.queued += 1
+            if item.poll_url:
+                self.track(item)
+                continue
+            await queue.put(item)
+
+    async def send_loop(self, queue: asyncio.Queue) -> None:
+        client = self.client
+        while True:
+            work = await queue.get()
+            if work is None:
+                return
+            if self.halted:
+                continue   # stays queued, with its id: Resume sends it
+            message = work.message
+            self.store.mark_sending(message.message_id)
+            try:
+                sent = await client.send(message)
+            except (SessionExpired, SessionRejected) as err:
+                self.store.unsend(message.message_id)
+                self.session_lost(err)
+                continue
+            except SpineError as err:
+                code = err.codes[0] if err.codes else (
+                    "retries_exhausted" if err.retriable else "http_error")
+                self.failed(message.message_id, code)
+                continue
+            self.store.mark_transmitted(message.message_id, sent.poll_url, sent.attempts)
+            self.progress.transmitted += 1
+            self.report()
+            self.track(_Work(work.pkey, message=message, poll_url=sent.poll_url),
+                       first_wait=sent.retry_after)
+
+    def track(self, work: _Work, first_wait: float = 0.0) -> None:
+        task = asyncio.create_task(self.await_ack(work, first_wait))
+        self.trackers.add(task)
+        task.add_done_callback(self.trackers.discard)
+
+    async def await_ack(self, work: _Work, wait: float) -> None:
+        client = self.client
+        message_id = self.store.patient(work.pkey)["message_id"]
+        deadline = self.clock.monotonic() + self.options.ack_timeout
+        while True:
+            await self.clock.sleep(min(wait, max(0.0, deadline - self.clock.monotonic())))
+            if self.clock.monotonic() >= deadline:
+                self.failed(message_id, "ack_timeout")
+                return
+            try:
+                result = await client.poll(work.poll_url, message_id)
+            except (SessionExpired, SessionRejected) as err:
+                self.session_lost(err)
+                return   # stays transmitted: Resume polls it again after a new login
+            except SpineError as err:
+                self.failed(message_id, "http_error" if not err.codes else err.codes[0])
+                return
+            if result.ack is None:
+                wait = max(0.05, result.retry_after)
+                continue
+            ack = result.ack
+            if ack.accepted:
+                self.store.mark_acknowledged(message_id, result.body)
+                self.progress.acknowledged += 1
+                self.report()
+            else:
+                self.failed(message_id, ack.failure_code or ack.type_code, ack, result.body)
+            return

@@ -1,0 +1,235 @@
+"""Reading a practice extract (SPEC 3): a directory of UTF-8 CSV files.
+
+File-level problems (a missing file or required column, bytes that are not UTF-8, text that is not
+CSV) raise ``ExtractError`` naming the file, line and column before anything is sent. Row-level
+problems never drop a row: they are kept on the patient (``Patient.problems``) so eligibility makes
+that patient ``malformed_record`` and support can find the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+
+from .constants import CONSENT_CODES
+from .errors import ExtractError
+from .nhs_number import normalise
+from .records import Allergy, ConsentEntry, Medication, Patient, Practice
+
+# file -> required columns. groups.csv is optional (the Patient Group option); the others are
+# required because a missing consent, medication or allergy file would silently send summaries
+# without dissent checks or without clinical content.
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "patients.csv": (
+        "patient_id", "nhs_number", "family_name", "given_name", "birth_date", "sex",
+        "registration_type", "registered_on", "left_on", "deceased_on", "fp69", "sensitive",
+        "pds_synchronised", "has_national_summary",
+    ),
+    "consent.csv": ("patient_id", "code", "recorded_on"),
+    "medications.csv": (
+        "patient_id", "medication_id", "kind", "dmd_code", "drug", "dosage", "quantity",
+        "prescribed_on", "repeat_until", "discontinued_on",
+    ),
+    "allergies.csv": (
+        "patient_id", "allergy_id", "kind", "snomed_code", "description", "recorded_on", "negative",
+    ),
+    "groups.csv": ("group_name", "patient_id"),
+}
+OPTIONAL_FILES = frozenset({"groups.csv"})
+MEDICATION_KINDS = frozenset({"acute", "repeat"})
+ALLERGY_KINDS = frozenset({"allergy", "intolerance", "adverse_reaction"})
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_TRUE = frozenset({"true", "t", "yes", "y", "1"})
+_FALSE = frozenset({"false", "f", "no", "n", "0", ""})
+EARLIEST_DATE = date(1900, 1, 1)
+
+
+class _Row:
+    """One CSV record with its starting line, and the problems found while reading it."""
+
+    __slots__ = ("values", "line", "problems")
+
+    def __init__(self, values: dict[str, str], line: int):
+        self.values, self.line, self.problems = values, line, []
+
+    def text(self, column: str) -> str:
+        value = self.values.get(column)
+        return "" if value is None else value.strip()
+
+    def date(self, column: str, *, required: bool = False, today: date | None = None) -> date | None:
+        raw = self.text(column)
+        if not raw:
+            if required:
+                self.problems.append(f"{column}: blank")
+            return None
+        parsed = parse_date(raw)
+        if parsed is None:
+            self.problems.append(f"{column}: '{raw}' is not a date (YYYY-MM-DD)")
+        elif today is not None and (parsed > today or parsed < EARLIEST_DATE):
+            self.problems.append(f"{column}: {raw} is in the future or before 1900")
+        return parsed
+
+    def flag(self, column: str) -> bool:
+        raw = self.text(column).lower()
+        if raw in _TRUE:
+            return True
+        if raw not in _FALSE:
+            self.problems.append(f"{column}: '{self.text(column)}' is not true or false")
+        return False
+
+
+def parse_date(raw: str) -> date | None:
+    if not _ISO_DATE.match(raw):
+        return None
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        return None
+
+
+def normalise_consent_code(raw: str) -> str:
+    """``9Ndo.00`` and ``9Ndo.`` -> ``9Ndo``: the Read term suffix and trailing dot are dropped."""
+    return raw.strip().split(".", 1)[0].strip()
+
+
+def read_rows(path: Path, required: tuple[str, ...]) -> Iterator[_Row]:
+    """Yield the records of one CSV file, raising ExtractError for file-level problems."""
+    name = path.name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ExtractError(path, "file is missing: the extract must contain "
+                                 f"{name} with columns {', '.join(required)}") from None
+    except OSError as err:
+        raise ExtractError(path, f"cannot be read ({err.strerror})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ExtractError(path, f"is not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start});"
+                                 " save it as UTF-8 CSV and try again", line=line) from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise ExtractError(path, "is not a CSV text file (it contains NUL bytes)", line=line)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+    except csv.Error as err:
+        raise ExtractError(path, f"is not valid CSV: {err}", line=reader.line_num) from None
+    if not header or not any(h.strip() for h in header):
+        raise ExtractError(path, "has no header row; the first line must name the columns "
+                                 f"({', '.join(required)})", line=1)
+    header = [h.strip() for h in header]
+    for column in required:
+        if column not in header:
+            raise ExtractError(path, f"required column is missing (header has: {', '.join(header)})",
+                               line=1, column=column)
+    previous_end = reader.line_num
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise ExtractError(path, f"is not valid CSV: {err}", line=previous_end + 1) from None
+        start = previous_end + 1
+        previous_end = reader.line_num
+        if not fields or (len(fields) == 1 and not fields[0].strip()):
+            continue  # blank line
+        row = _Row(dict(zip(header, fields)), start)
+        if len(fields) < len(header):
+            missing = header[len(fields)]
+            row.problems.append(f"{missing}: missing (the row has {len(fields)} of "
+                                f"{len(header)} fields)")
+        yield row
+
+
+def load_practice(directory: str | Path, today: date | None = None) -> Practice:
+    """Read and check a whole extract. Raises ExtractError before anything is sent."""
+    today = today or date.today()
+    root = Path(directory)
+    if not root.is_dir():
+        raise ExtractError(root, "is not a directory: give the folder holding patients.csv, "
+                                 "consent.csv, medications.csv, allergies.csv (and groups.csv)")
+    practice = Practice(directory=str(root))
+    # Problems found in the other files are charged to the patient they belong to.
+    extra_problems: dict[str, list[str]] = {}
+
+    def charge(row: _Row, file: str) -> None:
+        if row.problems:
+            pid = row.text("patient_id")
+            extra_problems.setdefault(pid, []).extend(
+                f"{file} line {row.line}: {p}" for p in row.problems)
+
+    for row in read_rows(root / "consent.csv", REQUIRED_COLUMNS["consent.csv"]):
+        code = normalise_consent_code(row.text("code"))
+        if code not in CONSENT_CODES:
+            row.problems.append(f"code: '{row.text('code')}' is not a known consent code "
+                                f"({', '.join(CONSENT_CODES)})")
+        entry = ConsentEntry(row.text("patient_id"), code, row.date("recorded_on", required=True),
+                             row.line)
+        charge(row, "consent.csv")
+        practice.consent.setdefault(entry.patient_id, []).append(entry)
+
+    for row in read_rows(root / "medications.csv", REQUIRED_COLUMNS["medications.csv"]):
+        kind = row.text("kind").lower()
+        if kind not in MEDICATION_KINDS:
+            row.problems.append(f"kind: '{row.text('kind')}' is not acute or repeat")
+        med = Medication(
+            patient_id=row.text("patient_id"), medication_id=row.text("medication_id"), kind=kind,
+            dmd_code=row.text("dmd_code"), drug=row.values.get("drug") or "",
+            dosage=row.values.get("dosage") or "", quantity=row.values.get("quantity") or "",
+            prescribed_on=row.date("prescribed_on", required=True),
+            repeat_until=row.date("repeat_until"), discontinued_on=row.date("discontinued_on"),
+            row=row.line)
+        charge(row, "medications.csv")
+        practice.medications.setdefault(med.patient_id, []).append(med)
+
+    for row in read_rows(root / "allergies.csv", REQUIRED_COLUMNS["allergies.csv"]):
+        kind = row.text("kind").lower()
+        if kind not in ALLERGY_KINDS:
+            row.problems.append(f"kind: '{row.text('kind')}' is not allergy, intolerance or "
+                                "adverse_reaction")
+        allergy = Allergy(
+            patient_id=row.text("patient_id"), allergy_id=row.text("allergy_id"), kind=kind,
+            snomed_code=row.text("snomed_code"), description=row.values.get("description") or "",
+            recorded_on=row.date("recorded_on"), negative=row.flag("negative"), row=row.line)
+        charge(row, "allergies.csv")
+        practice.allergies.setdefault(allergy.patient_id, []).append(allergy)
+
+    groups_path = root / "groups.csv"
+    if groups_path.exists():
+        for row in read_rows(groups_path, REQUIRED_COLUMNS["groups.csv"]):
+            name, pid = row.text("group_name"), row.text("patient_id")
+            if name and pid:
+                members = practice.groups.setdefault(name, [])
+                if pid not in members:
+                    members.append(pid)
+
+    for row in read_rows(root / "patients.csv", REQUIRED_COLUMNS["patients.csv"]):
+        pid = row.text("patient_id")
+        if not pid:
+            row.problems.append("patient_id: blank")
+        patient = Patient(
+            patient_id=pid or f"(blank id, line {row.line})",
+            nhs_number=normalise(row.text("nhs_number")),
+            family_name=row.values.get("family_name") or "",
+            given_name=row.values.get("given_name") or "",
+            birth_date=row.date("birth_date", required=True, today=today),
+            sex=row.text("sex"),
+            registration_type=row.text("registration_type").lower(),
+            registered_on=row.date("registered_on", today=today),
+            left_on=row.date("left_on", today=today),
+            deceased_on=row.date("deceased_on", today=today),
+            fp69=row.flag("fp69"), sensitive=row.flag("sensitive"),
+            pds_synchronised=row.flag("pds_synchronised"),
+            has_national_summary=row.flag("has_national_summary"),
+            row=row.line,
+            problems=tuple(row.problems) + tuple(extra_problems.get(pid, ())),
+        )
+        practice.patients.append(patient)
+    return practice

@@ -1,0 +1,211 @@
+"""Talking to the Spine (SPEC 6): POST the GP Summary, poll for the application ack.
+
+The transport is an object passed in (httpx's ``MockTransport`` in unit tests, the network
+otherwise), and so are the clock and the sleep, so retries and backoff are testable without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import httpx
+
+from .ack import Ack, parse_ack, parse_soap_fault
+from .constants import RETRIABLE_SOAP_FAULTS, SOAP_ACTION
+from .errors import SessionExpired, SessionRejected, SpineError
+from .message import OutboundMessage
+from .session import Session
+
+TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Transmission:
+    """The transport acknowledgement: 202 with where to poll."""
+
+    poll_url: str
+    retry_after: float      # seconds
+    attempts: int
+
+
+@dataclass(frozen=True)
+class PollResult:
+    ack: Ack | None         # None while pending
+    retry_after: float      # seconds until the next poll, when pending
+    status: int
+    body: bytes = b""
+
+
+@dataclass
+class Attempt:
+    """One HTTP exchange, reported to the engine for the patient's timeline."""
+
+    message_id: str
+    kind: str               # post | poll
+    status: int | None      # None: no HTTP answer (connection error, timeout)
+    detail: str
+
+
+class RateLimiter:
+    """A token bucket: at most ``rate`` requests a second, in bursts of at most ``burst``."""
+
+    def __init__(self, rate: float, burst: float | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        if rate <= 0:
+            raise ValueError("the rate limit must be above zero")
+        self.rate, self.capacity = rate, burst if burst is not None else max(1.0, rate / 10)
+        self.tokens, self.clock, self.sleep = self.capacity, clock, sleep
+        self.stamp = clock()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                now = self.clock()
+                self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+                self.stamp = now
+                if self.tokens >= 1:
+                    self.tokens -= 1
+                    return
+                await self.sleep((1 - self.tokens) / self.rate)
+
+
+def _retry_after(response: httpx.Response, default: float) -> float:
+    raw = response.headers.get("Retry-After", "")
+    try:
+        return max(0.0, float(raw) / 1000.0)   # the Spine gives milliseconds
+    except ValueError:
+        return default
+
+
+class SpineClient:
+    def __init__(self, base_url: str, session: Session, *, asid: str,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 rate_limiter: RateLimiter | None = None, concurrency: int = 8,
+                 request_timeout: float = 30.0, retry_window: float = 600.0,
+                 backoff_base: float = 0.25, backoff_max: float = 30.0,
+                 now: Callable[[], datetime] = utcnow,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 on_attempt: Callable[[Attempt], None] | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.session, self.asid = session, asid
+        self.rate_limiter, self.now, self.sleep = rate_limiter, now, sleep
+        self.retry_window, self.backoff_base, self.backoff_max = retry_window, backoff_base, backoff_max
+        self.on_attempt = on_attempt
+        limits = httpx.Limits(max_connections=concurrency * 2 + 4,
+                              max_keepalive_connections=concurrency * 2 + 4)
+        self.http = httpx.AsyncClient(transport=transport, timeout=request_timeout, limits=limits)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> "SpineClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _headers(self) -> dict[str, str]:
+        if self.session.expired(self.now()):
+            raise SessionExpired(f"the Smartcard session of {self.session.user_id} expired at "
+                                 f"{self.session.expires_at.isoformat()}")
+        return {
+            "Authorization": f"Bearer {self.session.token}",
+            "NHSD-Session-URID": self.session.role_profile_id,
+            "NHSD-Identity-UUID": self.session.user_id,
+            "NHSD-Request-ID": str(uuid.uuid4()).upper(),
+            "nhsd-asid": self.asid,
+        }
+
+    def _report(self, message_id: str, kind: str, status: int | None, detail: str) -> None:
+        if self.on_attempt:
+            self.on_attempt(Attempt(message_id, kind, status, detail))
+
+    def _absolute(self, location: str) -> str:
+        if location.startswith(("http://", "https://")):
+            return location
+        return f"{self.base_url}/{location.lstrip('/')}"
+
+    async def send(self, message: OutboundMessage) -> Transmission:
+        """POST until the Spine takes the message (202); transient failures are retried with
+        backoff and the same message id. Raises SpineError for a permanent refusal or when the
+        retry window runs out, SessionRejected on 401, SessionExpired before a dead session."""
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            if self.rate_limiter:
+                await self.rate_limiter.acquire()
+            headers = self._headers()   # checks the session's expiry before every request
+            headers["SOAPAction"] = SOAP_ACTION
+            headers["Content-Type"] = message.content_type
+            wait: float | None = None
+            try:
+                response = await self.http.post(f"{self.base_url}/clinical", content=message.body,
+                                                headers=headers)
+            except (httpx.TransportError, httpx.TimeoutException) as err:
+                self._report(message.message_id, "post", None, f"{type(err).__name__}: {err}")
+                reason = f"no answer from the Spine ({type(err).__name__})"
+            else:
+                status = response.status_code
+                if status == 202:
+                    location = response.headers.get("Content-Location", "")
+                    self._report(message.message_id, "post", status, location)
+                    if not location:
+                        raise SpineError("the Spine accepted the message but gave no "
+                                         "Content-Location to poll", retriable=False, status=202)
+                    return Transmission(self._absolute(location), _retry_after(response, 0.5),
+                                        attempt)
+                fault = parse_soap_fault(response.content, response.headers.get("Content-Type"))
+                detail = f"{fault.code} {fault.description}".strip() if fault else response.text[:200]
+                self._report(message.message_id, "post", status, detail)
+                if status == 401:
+                    raise SessionRejected()
+                if status in TRANSIENT_STATUSES:
+                    reason = f"HTTP {status}"
+                    if status == 429:
+                        wait = _retry_after(response, 1.0)
+                elif status == 500 and fault and fault.code in RETRIABLE_SOAP_FAULTS:
+                    reason = f"SOAP fault {fault.code}"
+                else:
+                    codes = (fault.code,) if fault and fault.code else ()
+                    raise SpineError(f"the Spine refused the message: HTTP {status} {detail}",
+                                     retriable=False, status=status, codes=codes)
+            if time.monotonic() - started > self.retry_window:
+                raise SpineError(f"transient failures did not clear in {self.retry_window:.0f} s "
+                                 f"({attempt} attempts; last: {reason})", retriable=True)
+            if wait is None:
+                wait = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
+            await self.sleep(wait)
+
+    async def poll(self, poll_url: str, message_id: str = "") -> PollResult:
+        """One GET of the poll location. Transient answers count as pending."""
+        try:
+            response = await self.http.get(poll_url, headers=self._headers())
+        except (httpx.TransportError, httpx.TimeoutException) as err:
+            self._report(message_id, "poll", None, f"{type(err).__name__}: {err}")
+            return PollResult(None, 1.0, 0)
+        status = response.status_code
+        if status == 200:
+            ack = parse_ack(response.content, response.headers.get("Content-Type"))
+            self._report(message_id, "poll", status, f"{ack.type_code} {' '.join(ack.codes)}".strip())
+            return PollResult(ack, 0.0, status, response.content)
+        if status == 202:
+            return PollResult(None, _retry_after(response, 0.5), status)
+        self._report(message_id, "poll", status, response.text[:200])
+        if status == 401:
+            raise SessionRejected()
+        if status in TRANSIENT_STATUSES or status == 500:
+            return PollResult(None, _retry_after(response, 1.0), status)
+        raise SpineError(f"polling {poll_url} answered HTTP {status}", retriable=False,
+                         status=status)

@@ -1,0 +1,481 @@
+"""The store: all upload state, one SQLite file per practice (SPEC 8).
+
+Every change of a patient's state goes through ``_move``, which checks it against the transition
+table in ``states``. A message and its id are committed before the message is sent, so a crash at
+any moment leaves enough to finish it with the same id. Plain SQL with portable types (TEXT,
+INTEGER, BLOB) so the schema can move to PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import StoreError
+from .states import (
+    FINAL, IN_FLIGHT, NOT_REQUIRED_REASONS, JobStatus, PatientState, check_job_transition,
+    check_transition, counters,
+)
+
+SCHEMA_VERSION = "1"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS patients (
+    pkey TEXT PRIMARY KEY,
+    patient_id TEXT NOT NULL,
+    nhs_number TEXT NOT NULL,
+    source_row INTEGER NOT NULL,
+    eligibility TEXT,
+    dissent INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    reason TEXT,
+    message_id TEXT,
+    chain_id INTEGER,
+    ack_event_id TEXT,
+    ack_message_id TEXT,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS patients_state ON patients (state);
+CREATE INDEX IF NOT EXISTS patients_patient_id ON patients (patient_id);
+CREATE TABLE IF NOT EXISTS messages (
+    message_id TEXT PRIMARY KEY,
+    pkey TEXT NOT NULL,
+    job_id INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    prior_event_id TEXT,
+    created_at TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    content_type TEXT,
+    body BLOB,
+    state TEXT NOT NULL,
+    poll_url TEXT,
+    post_attempts INTEGER NOT NULL DEFAULT 0,
+    transmitted_at TEXT,
+    acked_at TEXT,
+    ack_type TEXT,
+    ack_codes TEXT,
+    failure_code TEXT,
+    ack_body BLOB
+);
+CREATE INDEX IF NOT EXISTS messages_pkey ON messages (pkey);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    at TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    http_status INTEGER,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_message ON attempts (message_id);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    chain_id INTEGER,
+    mode TEXT NOT NULL,
+    chain_mode TEXT NOT NULL,
+    group_name TEXT,
+    status TEXT NOT NULL,
+    reason TEXT,
+    user_id TEXT,
+    user_name TEXT,
+    started_at TEXT NOT NULL,
+    ended_at TEXT,
+    settings TEXT,
+    totals TEXT
+);
+CREATE TABLE IF NOT EXISTS groups (
+    group_name TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    PRIMARY KEY (group_name, patient_id)
+);
+"""
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    chain_id: int
+    mode: str           # run | resume | rerun | failed: what was asked
+    chain_mode: str     # the mode of the job a resume continues (its work rule)
+    group: str | None
+    status: str
+    reason: str | None
+    user_id: str | None
+    started_at: str
+    ended_at: str | None
+    settings: dict
+    totals: dict
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "mode": self.mode, "group": self.group, "status": self.status,
+                "reason": self.reason, "started_at": self.started_at, "ended_at": self.ended_at,
+                "resumes": self.chain_id if self.chain_id != self.id else None,
+                "user_id": self.user_id, "settings": self.settings}
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    message_id: str
+    pkey: str
+    event_id: str
+    prior_event_id: str | None
+    content_type: str
+    body: bytes
+    state: str
+    poll_url: str | None
+    failure_code: str | None
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only: it holds patient data."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        _create_private(self.path)
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                      timeout=30)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"{self.path}: not a usable scr-nb store ({err})") from None
+        version = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if version is None:
+            self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        elif version[0] != SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: store schema {version[0]} is not {SCHEMA_VERSION}; "
+                             "use the scr-nb version that wrote it")
+        for suffix in ("-wal", "-shm"):
+            side = Path(str(self.path) + suffix)
+            if side.exists():
+                os.chmod(side, 0o600)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # --- the practice: patients and groups ------------------------------------------------------
+
+    def sync_patients(self, rows: Iterable[tuple[str, str, str, int, str | None, bool]]) -> None:
+        """Bring the store in line with an extract's eligibility decisions.
+
+        ``rows``: (pkey, patient_id, nhs_number, source_row, reason or None, dissent). A patient who
+        is waiting to be sent or failed and is now not required becomes not required; a
+        not-required patient who is now eligible becomes unprocessed. In-flight and acknowledged
+        patients keep their state: their summaries are, or may be, on the Spine."""
+        stamp = now_iso()
+        with self.transaction() as db:
+            db.executemany(
+                """INSERT INTO patients (pkey, patient_id, nhs_number, source_row, eligibility,
+                       dissent, state, reason, updated_at)
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6,
+                           CASE WHEN ?5 IS NULL THEN 'unprocessed' ELSE 'not_required' END, ?5, ?7)
+                   ON CONFLICT (pkey) DO UPDATE SET
+                       patient_id = excluded.patient_id, nhs_number = excluded.nhs_number,
+                       source_row = excluded.source_row, eligibility = excluded.eligibility,
+                       dissent = excluded.dissent,
+                       state = CASE
+                           WHEN patients.state IN ('unprocessed', 'failed', 'not_required')
+                                AND excluded.eligibility IS NOT NULL THEN 'not_required'
+                           WHEN patients.state = 'not_required' AND excluded.eligibility IS NULL
+                                THEN 'unprocessed'
+                           ELSE patients.state END,
+                       reason = CASE
+                           WHEN patients.state IN ('unprocessed', 'failed', 'not_required')
+                                AND excluded.eligibility IS NOT NULL THEN excluded.eligibility
+                           WHEN patients.state = 'not_required' AND excluded.eligibility IS NULL
+                                THEN NULL
+                           ELSE patients.reason END,
+                       updated_at = CASE WHEN patients.eligibility IS excluded.eligibility
+                           THEN patients.updated_at ELSE excluded.updated_at END""",
+                ((k, pid, nhs, row, reason, int(dissent), stamp)
+                 for k, pid, nhs, row, reason, dissent in rows))
+
+    def sync_extract_groups(self, groups: dict[str, list[str]]) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM groups WHERE source = 'extract'")
+            db.executemany("INSERT OR IGNORE INTO groups VALUES (?, ?, 'extract')",
+                           ((name, pid) for name, ids in groups.items() for pid in ids))
+
+    def add_to_group(self, name: str, patient_ids: Iterable[str]) -> int:
+        """Make or extend a group kept by the kit (e.g. patients whose errors support resolved)."""
+        with self.transaction() as db:
+            before = db.total_changes
+            db.executemany("INSERT OR IGNORE INTO groups VALUES (?, ?, 'kit')",
+                           ((name, pid) for pid in patient_ids))
+            return db.total_changes - before
+
+    def group_names(self) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT DISTINCT group_name FROM groups ORDER BY group_name")]
+
+    def has_group(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM groups WHERE group_name = ? LIMIT 1",
+                               (name,)).fetchone() is not None
+
+    def _scope(self, group: str | None) -> tuple[str, tuple]:
+        if group is None:
+            return "1", ()
+        return "patient_id IN (SELECT patient_id FROM groups WHERE group_name = ?)", (group,)
+
+    # --- jobs ---------------------------------------------------------------------------------------
+
+    def _job(self, row: tuple | None) -> Job | None:
+        if row is None:
+            return None
+        (id_, chain, mode, chain_mode, group, status, reason, user_id, started, ended, settings,
+         totals) = row
+        return Job(id_, chain, mode, chain_mode, group, status, reason, user_id, started, ended,
+                   json.loads(settings or "{}"), json.loads(totals or "{}"))
+
+    _JOB_COLUMNS = ("id, chain_id, mode, chain_mode, group_name, status, reason, user_id, "
+                    "started_at, ended_at, settings, totals")
+
+    def job(self, job_id: int) -> Job | None:
+        return self._job(self.db.execute(
+            f"SELECT {self._JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def latest_job(self, group: str | None = None, any_scope: bool = False) -> Job | None:
+        if any_scope:
+            row = self.db.execute(f"SELECT {self._JOB_COLUMNS} FROM jobs ORDER BY id DESC LIMIT 1")
+        else:
+            row = self.db.execute(f"SELECT {self._JOB_COLUMNS} FROM jobs WHERE group_name IS ? "
+                                  "ORDER BY id DESC LIMIT 1", (group,))
+        return self._job(row.fetchone())
+
+    def jobs(self) -> list[Job]:
+        return [self._job(r) for r in self.db.execute(
+            f"SELECT {self._JOB_COLUMNS} FROM jobs ORDER BY id")]
+
+    def start_job(self, mode: str, chain_mode: str, group: str | None, chain_id: int | None,
+                  user_id: str, user_name: str, settings: dict) -> Job:
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO jobs (chain_id, mode, chain_mode, group_name, status, user_id, "
+                "user_name, started_at, settings) VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?)",
+                (chain_id, mode, chain_mode, group, user_id, user_name, now_iso(),
+                 json.dumps(settings)))
+            job_id = cur.lastrowid
+            if chain_id is None:
+                db.execute("UPDATE jobs SET chain_id = id WHERE id = ?", (job_id,))
+        return self.job(job_id)
+
+    def end_job(self, job_id: int, status: JobStatus, reason: str | None, totals: dict) -> Job:
+        current = self.job(job_id)
+        check_job_transition(current.status, status)
+        ended = None if status == JobStatus.RUNNING else now_iso()
+        self.db.execute("UPDATE jobs SET status = ?, reason = ?, ended_at = ?, totals = ? "
+                        "WHERE id = ?", (status.value, reason, ended, json.dumps(totals), job_id))
+        return self.job(job_id)
+
+    # --- work selection -------------------------------------------------------------------------
+
+    def in_flight(self, group: str | None) -> list[tuple[str, str]]:
+        """(pkey, message_id) of patients whose message may be on its way: finish these first."""
+        where, args = self._scope(group)
+        return list(self.db.execute(
+            f"SELECT pkey, message_id FROM patients WHERE state IN ('queued', 'sending', "
+            f"'transmitted') AND {where} ORDER BY source_row", args))
+
+    def select_work(self, chain_mode: str, chain_id: int, group: str | None,
+                    skip_acknowledged: bool = False) -> list[str]:
+        """The patients a job of ``chain_mode`` still has to send, in extract order."""
+        where, args = self._scope(group)
+        if chain_mode == "run":
+            cond = "state = 'unprocessed'"
+        elif chain_mode == "rerun":
+            states = "('unprocessed', 'failed')" if skip_acknowledged else \
+                "('unprocessed', 'failed', 'acknowledged')"
+            cond = f"state IN {states} AND eligibility IS NULL AND chain_id IS NOT ?"
+            args = (chain_id, *args)
+        elif chain_mode == "failed":
+            cond = "state = 'failed' AND chain_id IS NOT ?"
+            args = (chain_id, *args)
+        else:
+            raise ValueError(f"no work rule for mode {chain_mode!r}")
+        return [r[0] for r in self.db.execute(
+            f"SELECT pkey FROM patients WHERE {cond} AND {where} ORDER BY source_row", args)]
+
+    def count_in_scope(self, group: str | None, state: PatientState) -> int:
+        where, args = self._scope(group)
+        return self.db.execute(f"SELECT COUNT(*) FROM patients WHERE state = ? AND {where}",
+                               (state.value, *args)).fetchone()[0]
+
+    def scope_size(self, group: str | None) -> tuple[int, int]:
+        """(patients, eligible patients) in scope."""
+        where, args = self._scope(group)
+        return self.db.execute(
+            f"SELECT COUNT(*), COALESCE(SUM(eligibility IS NULL), 0) FROM patients WHERE {where}",
+            args).fetchone()
+
+    def patient(self, pkey: str) -> dict | None:
+        cur = self.db.execute("SELECT * FROM patients WHERE pkey = ?", (pkey,))
+        row = cur.fetchone()
+        return dict(zip([c[0] for c in cur.description], row)) if row else None
+
+    # --- per-patient transitions ----------------------------------------------------------------
+
+    def _move(self, db: sqlite3.Connection, pkey: str, new: PatientState, **fields: object) -> None:
+        row = db.execute("SELECT state FROM patients WHERE pkey = ?", (pkey,)).fetchone()
+        if row is None:
+            raise StoreError(f"no patient {pkey!r} in {self.path}")
+        check_transition(row[0], new)
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        db.execute(f"UPDATE patients SET state = ?, updated_at = ?{', ' if sets else ''}{sets} "
+                   "WHERE pkey = ?", (new.value, now_iso(), *fields.values(), pkey))
+
+    def queue_message(self, pkey: str, job_id: int, chain_id: int, message_id: str, event_id: str,
+                      prior_event_id: str | None, content_type: str, body: bytes) -> None:
+        """Store a built message and its id, and put the patient on the outbound queue."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO messages (message_id, pkey, job_id, event_id, prior_event_id, "
+                "created_at, size, content_type, body, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                "'queued')",
+                (message_id, pkey, job_id, event_id, prior_event_id, now_iso(), len(body),
+                 content_type, zlib.compress(body, 1)))
+            self._move(db, pkey, PatientState.QUEUED, reason=None, message_id=message_id,
+                       chain_id=chain_id)
+
+    def fail_unsent(self, pkey: str, job_id: int, chain_id: int, message_id: str, event_id: str,
+                    size: int, code: str) -> None:
+        """A message the kit will not send (e.g. over the size limit): the patient fails."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO messages (message_id, pkey, job_id, event_id, created_at, size, "
+                "state, failure_code) VALUES (?, ?, ?, ?, ?, ?, 'failed', ?)",
+                (message_id, pkey, job_id, event_id, now_iso(), size, code))
+            self._move(db, pkey, PatientState.FAILED, reason=code, message_id=message_id,
+                       chain_id=chain_id)
+
+    def requeue(self, pkey: str, message_id: str, job_id: int, chain_id: int) -> None:
+        """Send a stored message again with its own id (Resume; Failed after an ack timeout)."""
+        with self.transaction() as db:
+            db.execute("UPDATE messages SET state = 'queued', job_id = ?, failure_code = NULL "
+                       "WHERE message_id = ?", (job_id, message_id))
+            self._move(db, pkey, PatientState.QUEUED, reason=None, message_id=message_id,
+                       chain_id=chain_id)
+
+    def unsend(self, message_id: str) -> None:
+        """A send that could not go ahead (the session ended): back on the queue, same id."""
+        self._message_move(message_id, PatientState.QUEUED, {})
+
+    def message(self, message_id: str) -> StoredMessage | None:
+        row = self.db.execute(
+            "SELECT message_id, pkey, event_id, prior_event_id, content_type, body, state, "
+            "poll_url, failure_code FROM messages WHERE message_id = ?", (message_id,)).fetchone()
+        if row is None:
+            return None
+        body = zlib.decompress(row[5]) if row[5] is not None else b""
+        return StoredMessage(row[0], row[1], row[2], row[3], row[4] or "", body, row[6], row[7],
+                             row[8])
+
+    def _message_move(self, message_id: str, new: PatientState, message_fields: dict,
+                      **patient_fields: object) -> bool:
+        """Move a message and, if it is still the patient's current one, the patient."""
+        with self.transaction() as db:
+            row = db.execute("SELECT pkey FROM messages WHERE message_id = ?",
+                             (message_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no message {message_id} in {self.path}")
+            sets = ", ".join(f"{k} = ?" for k in message_fields)
+            db.execute(f"UPDATE messages SET state = ?{', ' if sets else ''}{sets} "
+                       "WHERE message_id = ?", (new.value, *message_fields.values(), message_id))
+            current = db.execute("SELECT message_id FROM patients WHERE pkey = ?",
+                                 (row[0],)).fetchone()
+            if current is None or current[0] != message_id:
+                return False
+            self._move(db, row[0], new, **patient_fields)
+            return True
+
+    def mark_sending(self, message_id: str) -> None:
+        self._message_move(message_id, PatientState.SENDING, {})
+
+    def mark_transmitted(self, message_id: str, poll_url: str, attempts: int) -> None:
+        self._message_move(message_id, PatientState.TRANSMITTED,
+                           {"poll_url": poll_url, "transmitted_at": now_iso(),
+                            "post_attempts": attempts})
+
+    def mark_acknowledged(self, message_id: str, ack_body: bytes) -> None:
+        event = self.db.execute("SELECT event_id FROM messages WHERE message_id = ?",
+                                (message_id,)).fetchone()[0]
+        self._message_move(message_id, PatientState.ACKNOWLEDGED,
+                           {"acked_at": now_iso(), "ack_type": "AA", "ack_codes": "",
+                            "ack_body": zlib.compress(ack_body, 1)},
+                           reason=None, ack_event_id=event, ack_message_id=message_id)
+
+    def mark_failed(self, message_id: str, code: str, ack_type: str | None = None,
+                    ack_codes: tuple[str, ...] = (), ack_body: bytes | None = None) -> None:
+        fields: dict[str, object] = {"failure_code": code}
+        if ack_type is not None:
+            fields.update(acked_at=now_iso(), ack_type=ack_type, ack_codes=" ".join(ack_codes),
+                          ack_body=zlib.compress(ack_body or b"", 1))
+        self._message_move(message_id, PatientState.FAILED, fields, reason=code)
+
+    def record_attempt(self, message_id: str, kind: str, status: int | None, detail: str) -> None:
+        self.db.execute("INSERT INTO attempts (message_id, at, kind, http_status, detail) "
+                        "VALUES (?, ?, ?, ?, ?)", (message_id, now_iso(), kind, status, detail))
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def state_counts(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in PatientState}
+        counts.update(dict(self.db.execute("SELECT state, COUNT(*) FROM patients GROUP BY state")))
+        return counts
+
+    def not_required_by_reason(self) -> dict[str, int]:
+        found = dict(self.db.execute("SELECT reason, COUNT(*) FROM patients WHERE state = "
+                                     "'not_required' GROUP BY reason"))
+        ordered = {r: found.pop(r, 0) for r in NOT_REQUIRED_REASONS}
+        ordered.update(found)
+        return ordered
+
+    def failed_by_code(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT reason, COUNT(*) FROM patients WHERE state = 'failed' "
+                                    "GROUP BY reason ORDER BY COUNT(*) DESC, reason"))
+
+    def status(self) -> dict:
+        """The ``scr-nb status --json`` object (SPEC 10)."""
+        states = self.state_counts()
+        latest = self.latest_job(any_scope=True)
+        return {
+            "store": str(self.path),
+            "counters": counters(states),
+            "states": states,
+            "not_required_by_reason": self.not_required_by_reason(),
+            "failed_by_code": self.failed_by_code(),
+            "transmitted_not_acknowledged": states.get("transmitted", 0),
+            "latest_job": latest.to_json() if latest else None,
+            "groups": self.group_names(),
+        }
+
+
+__all__ = ["Store", "Job", "StoredMessage", "FINAL", "IN_FLIGHT"]
