@@ -1,0 +1,367 @@
+"""The ``scr-nb`` command line (SPEC 10). Option names and exit codes are a stable interface.
+
+Exit codes of ``upload``: 0 completed, 3 refused before sending anything, 4 stopped and resumable,
+1 unexpected error, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import signal
+import sys
+import threading
+from datetime import date
+from pathlib import Path
+
+from . import session as sessions
+from .constants import explain
+from .engine import Engine, JobControl, JobOptions, Progress
+from .errors import ExtractError, RefusedError, ScrNbError
+from .states import Mode
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 3, 4
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# --- synth ------------------------------------------------------------------------------------------
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Write a synthetic practice extract.
+
+    Example: scr-nb synth --patients 2000 --seed 7 --out practice/
+    """
+    from .synth import write_practice
+
+    today = date.fromisoformat(args.today) if args.today else None
+    summary = write_practice(args.out, args.patients, args.seed, today=today)
+    eligible = summary.expected_eligible
+    print(f"Wrote {summary.patients} patients to {args.out} ({eligible} expected eligible)")
+    return EXIT_OK
+
+
+# --- spine-sim --------------------------------------------------------------------------------------
+
+def cmd_spine_sim(args: argparse.Namespace) -> int:
+    """Run the Spine simulator and its identity provider until interrupted.
+
+    Example: scr-nb spine-sim --host 127.0.0.1 --port 8900 --users users.json --ack-delay-ms 50
+    """
+    from .identity import load_users
+    from .simulator import config_from_args, serve
+
+    config = config_from_args(args, load_users(args.users))
+    serve(config, args.host, args.port)
+    return EXIT_OK
+
+
+# --- login ------------------------------------------------------------------------------------------
+
+def cmd_login(args: argparse.Namespace) -> int:
+    """Get a Smartcard session from the identity provider and save it (mode 0600).
+
+    Example: SCR_NB_PASSCODE=... scr-nb login --identity http://127.0.0.1:8900 --user u1 --session s.json
+    """
+    passcode = os.environ.get("SCR_NB_PASSCODE")
+    if passcode is None:
+        if not sys.stdin.isatty():
+            print("scr-nb login: no passcode: set SCR_NB_PASSCODE or run in a terminal",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        passcode = getpass.getpass(f"Passcode for {args.user}: ")
+    try:
+        session = sessions.login(args.identity, args.user, passcode)
+    except ScrNbError as err:
+        print(f"scr-nb login: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    sessions.save(session, args.session)
+    print(f"Logged in as {session.name} ({session.user_id}), role {session.role_profile_id}, "
+          f"activities {', '.join(session.activities) or 'none'}; session ends "
+          f"{session.expires_at.astimezone().isoformat(timespec='minutes')}. Saved to {args.session}")
+    return EXIT_OK
+
+
+# --- eligibility ------------------------------------------------------------------------------------
+
+def cmd_eligibility(args: argparse.Namespace) -> int:
+    """Dry run: who would get a summary, and why the others would not. Sends nothing.
+
+    Example: scr-nb eligibility --practice practice/ --json
+    """
+    from .clock import SystemClock
+    from .eligibility import Policy, decide, summarise
+    from .extract import load_practice
+
+    today = SystemClock().today()
+    try:
+        practice = load_practice(args.practice, today=today)
+    except ExtractError as err:
+        print(f"scr-nb eligibility: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    summary = summarise(decide(practice, Policy(today=today, dissent=args.dissent)))
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"Patients: {summary['total']}   eligible: {summary['eligible']}")
+        for reason, n in summary["not_required_by_reason"].items():
+            print(f"  not required, {reason}: {n}")
+    return EXIT_OK
+
+
+# --- upload -----------------------------------------------------------------------------------------
+
+class _Bar:
+    """The progress bar on standard error, fed by the engine's progress callback."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        self.enabled = enabled
+
+    def __call__(self, p: Progress) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=p.to_send, unit="msg", file=sys.stderr, dynamic_ncols=True,
+                            desc=f"{p.mode} job {p.job_id}")
+        self.bar.total = p.to_send
+        self.bar.n = p.done
+        avg = p.average_seconds_per_patient
+        self.bar.set_postfix_str(
+            f"checked {p.checked}/{p.patients_in_scope} queued {p.queued} transmitted "
+            f"{p.transmitted} ack {p.acknowledged} failed {p.failed}"
+            + (f" avg {avg:.3f}s/patient" if avg else ""), refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_statistics(stats: dict) -> str:
+    """Completion statistics for people (SPEC 8)."""
+    c = stats["counters"]
+    lines = [
+        f"Job {stats['job_id']} ({stats['mode']}, {stats['group'] or 'whole list'})",
+        f"  Qualifying patients: {stats['qualifying_patients']} of {stats['patients_in_scope']}",
+        f"  Unprocessed: {c['unprocessed']}  Sending: {c['sending']}  Sent: {c['sent']}  "
+        f"Failed: {c['failed']}  Not Required: {c['not_required']}",
+        f"  Transmitted, waiting for ack: {stats['states'].get('transmitted', 0)}",
+    ]
+    not_required = {k: v for k, v in stats["not_required_by_reason"].items() if v}
+    if not_required:
+        lines.append("  Not required by reason: " + ", ".join(f"{k} {v}" for k, v in not_required.items()))
+    for code, n in stats["failed_by_code"].items():
+        lines.append(f"  Failed {code}: {n} ({explain(code)})")
+    avg = stats["average_seconds_per_patient"]
+    lines.append(f"  Elapsed: {stats['elapsed_seconds']:.1f} s, "
+                 f"{stats['rate_per_second']:.1f} messages/s"
+                 + (f", {avg:.4f} s per patient" if avg else ""))
+    return "\n".join(lines)
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    """Run one upload job in the foreground with a progress bar.
+
+    Example: scr-nb upload run --practice practice/ --store practice.sqlite \\
+                 --spine http://127.0.0.1:8900 --session session.json
+    """
+    from .store import Store
+
+    for name in ("start_at", "stop_at", "pause_at", "resume_at"):
+        if getattr(args, name):
+            print(f"scr-nb upload: --{name.replace('_', '-')}: scheduled start, stop, pause and "
+                  "resume times are not available in this version; nothing was sent.",
+                  file=sys.stderr)
+            return EXIT_USAGE
+    if args.skip_acknowledged and args.mode != "rerun":
+        print("scr-nb upload: --skip-acknowledged only applies to rerun", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        session = sessions.load(args.session)
+    except RefusedError as err:
+        print(f"scr-nb upload: refused: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    options = JobOptions(mode=Mode(args.mode), group=args.group, concurrency=args.concurrency,
+                         rate_limit=args.rate_limit, ack_timeout=args.ack_timeout,
+                         dissent=args.dissent, skip_acknowledged=args.skip_acknowledged,
+                         sender_asid=args.asid, practice_ods=args.ods)
+    store = Store(args.store)
+    control = JobControl()
+    bar = _Bar(enabled=not args.quiet)
+    engine = Engine(store, session, args.spine, args.practice, on_progress=bar, control=control)
+    interrupts = {"n": 0}
+
+    def on_signal(signum: int, frame: object) -> None:
+        interrupts["n"] += 1
+        if interrupts["n"] == 1:
+            print("\nStopping: finishing messages in transit (Ctrl-C again to cancel)...",
+                  file=sys.stderr)
+            control.stop_and_close()
+        else:
+            control.cancel()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+    try:
+        result = engine.run(options)
+    except (RefusedError, ExtractError) as err:
+        bar.close()
+        use = getattr(err, "use_mode", None)
+        print(f"scr-nb upload {args.mode}: refused: {err}", file=sys.stderr)
+        if use:
+            print(f"Next: scr-nb upload {use.split(' ')[0]} ...", file=sys.stderr)
+        return EXIT_REFUSED
+    finally:
+        store.close()
+    bar.close()
+    if args.json:
+        _print_json({"job": result.job.to_json(), "statistics": result.statistics})
+    else:
+        print(format_statistics(result.statistics))
+    if result.completed:
+        return EXIT_OK
+    print(f"The job is {result.job.status} ({result.job.reason}); continue it with: "
+          f"scr-nb upload resume ...", file=sys.stderr)
+    return EXIT_STOPPED
+
+
+# --- status and log ---------------------------------------------------------------------------------
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The state of a store: Vision's counters, states, reasons, failure codes, latest job.
+
+    Example: scr-nb status --store practice.sqlite --json
+    """
+    from .store import Store
+
+    if not Path(args.store).exists():
+        print(f"scr-nb status: {args.store}: no such store", file=sys.stderr)
+        return EXIT_USAGE
+    store = Store(args.store)
+    try:
+        status = store.status()
+    finally:
+        store.close()
+    if args.json:
+        _print_json(status)
+    else:
+        c = status["counters"]
+        print(f"Unprocessed {c['unprocessed']}  Sending {c['sending']}  Sent {c['sent']}  "
+              f"Failed {c['failed']}  Not Required {c['not_required']}")
+        job = status["latest_job"]
+        if job:
+            print(f"Latest job {job['id']}: {job['mode']} {job['group'] or 'whole list'} "
+                  f"{job['status']} {job['reason'] or ''}".rstrip())
+    return EXIT_OK
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    """The practice log, one JSON object a line.
+
+    Example: scr-nb log --store practice.sqlite --json
+    """
+    from .practice_log import PracticeLog
+
+    for record in PracticeLog(args.store).read():
+        if args.json:
+            print(json.dumps(record, ensure_ascii=False, default=str))
+        else:
+            rest = {k: v for k, v in record.items() if k not in ("at", "event")}
+            print(f"{record['at']}  {record['event']:<14} {json.dumps(rest, default=str)}")
+    return EXIT_OK
+
+
+# --- the parser -------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from .simulator import add_arguments as add_sim_arguments
+
+    parser = argparse.ArgumentParser(prog="scr-nb", description="SCR GP Summary Initial Upload kit")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=func.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("synth", cmd_synth, "write a synthetic practice extract")
+    p.add_argument("--patients", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--today", help="date the extract is written relative to (YYYY-MM-DD)")
+
+    p = command("spine-sim", cmd_spine_sim, "run the Spine simulator")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8900)
+    p.add_argument("--users", required=True, help="JSON list of users for the identity provider")
+    add_sim_arguments(p)
+
+    p = command("login", cmd_login, "get a Smartcard session")
+    p.add_argument("--identity", required=True, help="identity provider base URL")
+    p.add_argument("--user", required=True)
+    p.add_argument("--session", required=True, help="session file to write")
+
+    dissent = dict(choices=("exclude", "blank"), default="exclude",
+                   help="patients who dissent: leave out (default) or send a blank summary")
+    practice = dict(required=True, help="directory of the practice extract CSV files")
+
+    p = command("eligibility", cmd_eligibility, "dry run: eligibility counts")
+    p.add_argument("--practice", **practice)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--dissent", **dissent)
+
+    p = command("upload", cmd_upload, "run an upload job")
+    p.add_argument("mode", choices=[m.value for m in Mode])
+    p.add_argument("--practice", **practice)
+    p.add_argument("--store", required=True, help="the practice's store (SQLite file)")
+    p.add_argument("--spine", required=True, help="Spine base URL")
+    p.add_argument("--session", required=True, help="session file from scr-nb login")
+    p.add_argument("--group", help="Patient Group to upload instead of the whole list")
+    for name in ("--start-at", "--stop-at", "--pause-at", "--resume-at"):
+        p.add_argument(name, help="ISO 8601 local date-time")
+    p.add_argument("--rate-limit", type=float, help="messages per second at most")
+    p.add_argument("--concurrency", type=int, default=8, help="messages in transit at once")
+    p.add_argument("--ack-timeout", type=float, default=600.0, help="seconds to wait for an ack")
+    p.add_argument("--dissent", **dissent)
+    p.add_argument("--skip-acknowledged", action="store_true",
+                   help="rerun: only patients without an acknowledged summary")
+    p.add_argument("--asid", default="200000000001", help="the practice system's ASID")
+    p.add_argument("--ods", default="A12345", help="the practice's ODS code")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = command("status", cmd_status, "state of a store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--json", action="store_true")
+
+    p = command("log", cmd_log, "the practice log")
+    p.add_argument("--store", required=True)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "concurrency", 1) is not None and getattr(args, "concurrency", 1) < 1:
+        parser.error("--concurrency must be at least 1")
+    try:
+        return args.func(args)
+    except ScrNbError as err:
+        print(f"scr-nb {args.command}: {err}", file=sys.stderr)
+        return EXIT_REFUSED if isinstance(err, (RefusedError, ExtractError)) else EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_STOPPED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
