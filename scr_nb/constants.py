@@ -42,6 +42,28 @@ MEDICATION_CRE = "185361000000102"
 ACUTE_MEDICATION_CODE = "222671000000103"
 QUANTITY_CODE = "246205007"
 DEFAULT_JOB_ROLE = "R0260"  # General Medical Practitioner, as in gp-summary-soap-1.xml
+CONTROL_ACT_CLASS = "ALRT"  # ControlActEvent/@classCode of gp-summary-soap-1.xml (the acks use CACT)
+EXCERPT_TEMPLATE = "CSAT_RM-NPfITUK10.excerptFrom"  # gp-summary-soap-1.xml (the standard sample: CSAB_)
+PRESENTATION_TEXT_CODE = "PresentationText"  # samples, code system OID_PRESENTATION_TEXT
+DOSE_INSTRUCTIONS_CODE = "DI"  # public SCR GP Summary mapping notes, code system OID_DOSE_INSTRUCTIONS
+
+# Coded entries. The Medication and Allergy CRE types and the entry element names below come from a
+# public NPfIT schematron of allowed CMETs per CRE type, not from our samples: check every one against
+# the published GP Summary message specification (MIM) before live use.
+ALLERGY_CRE = "163221000000102"  # "Allergies and Adverse Reactions" CRE type (schematron)
+ACUTE_MEDICATION_ENTRY = "UKCT_MT144040UK01.AcuteMedication"  # also in the public mapping notes
+REPEAT_MEDICATION_ENTRY = "UKCT_MT144040UK01.CurrentRepeatMedication"  # schematron only
+DISCONTINUED_MEDICATION_ENTRY = "UKCT_MT144040UK01.DiscontinuedRepeatMedication"  # schematron only
+ALLERGY_ENTRY = "UKCT_MT144053UK02.Allergy"  # schematron only; its inner shape is our best guess
+# The entry code of repeat items (as 222671000000103 is for acute ones) is in none of our references:
+# until it is checked against the MIM, repeat entries carry <code nullFlavor="UNK"/>. Set it here.
+REPEAT_MEDICATION_CODE = ""
+REPEAT_MEDICATION_DISPLAY = "Repeat medication"
+
+# --- ebXML envelope (the lead's message brief; confirm with the Spine's SDS/CPA details before live use)
+SPINE_PARTY_KEY = "YES-0000806"  # eb:To party key of the Spine's PSIS endpoint
+SPINE_CPA_ID = "S20001A000100"  # eb:CPAId of the REPC_IN150016SM05 agreement
+EBXML_PARTY_TYPE = "urn:nhs:names:partyType:ocs+serviceInstance"  # eb:PartyId/@eb:type (ack samples)
 
 # --- Limits and windows (SPEC 5) ------------------------------------------------------------------
 MAX_MESSAGE_BYTES = 4_999_600

@@ -401,19 +401,16 @@ class _Run:
             on_attempt=self.record_attempt)
         self.client = client
         queue: asyncio.Queue = asyncio.Queue(maxsize=self.options.concurrency * 2)
+        producer = asyncio.create_task(self.produce(plan, queue))
+        senders = [asyncio.create_task(self.send_loop(queue))
+                   for _ in range(self.options.concurrency)]
         try:
-            producer = asyncio.create_task(self.produce(plan, queue))
-            senders = [asyncio.create_task(self.send_loop(queue))
-                       for _ in range(self.options.concurrency)]
-            await producer
-            for _ in senders:
-                await queue.put(None)
-            await asyncio.gather(*senders)
+            await self.supervise(producer, senders, queue)
             # Acks of transmitted messages are tracked to the end, whatever stopped the sending.
             while self.trackers:
-                await asyncio.gather(*list(self.trackers), return_exceptions=False)
+                await asyncio.gather(*list(self.trackers))
         finally:
-            for task in self.trackers:
+            for task in [producer, *senders, *self.trackers]:
                 task.cancel()
             await client.aclose()
         self.report(force=True)
@@ -422,6 +419,24 @@ class _Run:
         if self.control.stopping:
             return self.control.requested, self.control.reason
         return JobStatus.COMPLETED, None
+
+    async def supervise(self, producer: asyncio.Task, senders: list[asyncio.Task],
+                        queue: asyncio.Queue) -> None:
+        """Wait for the producer and the senders; the first unexpected error ends the job (and is
+        raised), so a failing task can never leave the others waiting on the queue for ever."""
+
+        async def close_queue() -> None:
+            for _ in senders:
+                await queue.put(None)
+
+        pending: set[asyncio.Task] = {producer, *senders}
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()
+            if producer in done:
+                pending.add(asyncio.create_task(close_queue()))
 
     async def produce(self, plan: list[str | _Work], queue: asyncio.Queue) -> None:
         for item in plan:

@@ -1,0 +1,93 @@
+"""Reading practice extracts: file-level errors name file, line and column; rows are never lost."""
+
+from __future__ import annotations
+
+import pytest
+
+from scr_nb.errors import ExtractError
+from scr_nb.extract import load_practice
+from tests.handmade import nhs, patient, write
+
+
+def test_quoted_commas_newlines_and_a_byte_order_mark(tmp_path, today):
+    d = write(tmp_path / "p", [patient("P1", 1, family_name="O'Brien, \"Junior\"\nthe second")],
+              medications=[{"patient_id": "P1", "medication_id": "M1", "kind": "acute",
+                            "drug": "Co-codamol 30mg/500mg, tablets", "prescribed_on": "2026-01-02"}],
+              bom=True)
+    practice = load_practice(d, today=today)
+    [p] = practice.patients
+    assert p.patient_id == "P1"
+    assert p.family_name == "O'Brien, \"Junior\"\nthe second"
+    assert practice.medications["P1"][0].drug == "Co-codamol 30mg/500mg, tablets"
+    assert p.problems == ()
+
+
+def test_missing_file_is_named(tmp_path, today):
+    d = write(tmp_path / "p", [patient("P1", 1)])
+    (d / "consent.csv").unlink()
+    with pytest.raises(ExtractError) as caught:
+        load_practice(d, today=today)
+    assert "consent.csv" in str(caught.value) and "missing" in str(caught.value)
+
+
+def test_groups_file_is_optional(tmp_path, today):
+    d = write(tmp_path / "p", [patient("P1", 1)])
+    (d / "groups.csv").unlink()
+    assert load_practice(d, today=today).groups == {}
+
+
+def test_missing_required_column_names_file_line_and_column(tmp_path, today):
+    d = write(tmp_path / "p", [patient("P1", 1)])
+    text = (d / "patients.csv").read_text().replace("birth_date", "dob")
+    (d / "patients.csv").write_text(text)
+    with pytest.raises(ExtractError) as caught:
+        load_practice(d, today=today)
+    err = caught.value
+    assert err.path.endswith("patients.csv") and err.line == 1 and err.column == "birth_date"
+    assert "patients.csv, line 1, column 'birth_date'" in str(err)
+
+
+def test_not_utf8_names_the_line(tmp_path, today):
+    d = write(tmp_path / "p", [patient("P1", 1), patient("P2", 2)])
+    raw = (d / "patients.csv").read_bytes().replace(b"Jo,", "Zoë,".encode("latin-1"), 2)
+    (d / "patients.csv").write_bytes(raw)
+    with pytest.raises(ExtractError) as caught:
+        load_practice(d, today=today)
+    assert caught.value.line == 2 and "UTF-8" in str(caught.value)
+
+
+def test_binary_file_is_not_csv(tmp_path, today):
+    d = write(tmp_path / "p", [patient("P1", 1)])
+    (d / "allergies.csv").write_bytes(b"patient_id\x00\x01\x02")
+    with pytest.raises(ExtractError) as caught:
+        load_practice(d, today=today)
+    assert "allergies.csv" in str(caught.value)
+
+
+def test_unterminated_quote_is_a_csv_error_with_line(tmp_path, today):
+    d = write(tmp_path / "p", [patient("P1", 1)])
+    with open(d / "medications.csv", "a") as f:
+        f.write('P1,M1,acute,123,"Aspirin 75mg\n')
+    with pytest.raises(ExtractError) as caught:
+        load_practice(d, today=today)
+    assert "medications.csv" in str(caught.value) and caught.value.line == 2
+
+
+def test_row_problems_keep_the_row_and_its_line(tmp_path, today):
+    d = write(tmp_path / "p", [patient("P1", 1), patient("P2", 2, birth_date="31/02/1980"),
+                               patient("P3", 3, registered_on="2999-01-01"),
+                               patient("P4", 4, fp69="perhaps")],
+              medications=[{"patient_id": "P1", "medication_id": "M1", "kind": "acute",
+                            "prescribed_on": "yesterday"}])
+    practice = load_practice(d, today=today)
+    by_id = {p.patient_id: p for p in practice.patients}
+    assert len(by_id) == 4
+    assert by_id["P2"].row == 3 and "birth_date" in by_id["P2"].problems[0]
+    assert "future" in by_id["P3"].problems[0]
+    assert "fp69" in by_id["P4"].problems[0]
+    assert any("medications.csv line 2" in p for p in by_id["P1"].problems)
+
+
+def test_nhs_number_spaces_and_dashes_are_ignored(tmp_path, today):
+    d = write(tmp_path / "p", [patient("P1", 1, nhs_number=" " + nhs(1)[:3] + "-" + nhs(1)[3:6] + " " + nhs(1)[6:] + " ")])
+    assert load_practice(d, today=today).patients[0].nhs_number == nhs(1)
