@@ -11,7 +11,6 @@ number (the summary counts them like any other).
 
 from __future__ import annotations
 
-import calendar
 import csv
 import heapq
 import random
@@ -27,26 +26,13 @@ from .constants import (
     CONSENT_IMPLIED,
     TEST_NHS_NUMBER_RANGE,
 )
+from .extract import REQUIRED_COLUMNS
+from .message import months_back
 from .nhs_number import check_digit, is_valid, normalise
 from .states import NOT_REQUIRED_REASONS
 
-# The columns of SPEC 3, in the order they are written (extract.REQUIRED_COLUMNS reads the same).
-COLUMNS: dict[str, tuple[str, ...]] = {
-    "patients.csv": (
-        "patient_id", "nhs_number", "family_name", "given_name", "birth_date", "sex",
-        "registration_type", "registered_on", "left_on", "deceased_on", "fp69", "sensitive",
-        "pds_synchronised", "has_national_summary",
-    ),
-    "consent.csv": ("patient_id", "code", "recorded_on"),
-    "medications.csv": (
-        "patient_id", "medication_id", "kind", "dmd_code", "drug", "dosage", "quantity",
-        "prescribed_on", "repeat_until", "discontinued_on",
-    ),
-    "allergies.csv": (
-        "patient_id", "allergy_id", "kind", "snomed_code", "description", "recorded_on", "negative",
-    ),
-    "groups.csv": ("group_name", "patient_id"),
-}
+# The columns of SPEC 3, in the order they are written: the reader's own list.
+COLUMNS = REQUIRED_COLUMNS
 BOM_FILES = frozenset({"patients.csv"})  # written as spreadsheets write them, to exercise the reader
 
 # One block of 200 patient rows, shuffled, repeated: every reason appears in every full block, so
@@ -295,13 +281,6 @@ def write_practice(out_dir: str | Path, patients: int, seed: int,
         out_dir=out, patients=patients, seed=seed, today=today, rows=dict(generator.rows),
         expected_reasons=reasons, expected_eligible=generator.eligible,
     )
-
-
-def months_back(day: date, months: int) -> date:
-    """``day`` moved back by calendar months, the day clamped to the month's end (31 Aug -> 28 Feb)."""
-    year, month = divmod(day.year * 12 + day.month - 1 - months, 12)
-    month += 1
-    return date(year, month, min(day.day, calendar.monthrange(year, month)[1]))
 
 
 class _NumberPool:
