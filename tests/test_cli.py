@@ -1,0 +1,140 @@
+"""The scr-nb command line as a user drives it: output, JSON shapes and exit codes (SPEC 10)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from scr_nb import cli
+from scr_nb.eligibility import Policy, decide, summarise
+from scr_nb.extract import load_practice
+from tests.conftest import ADMIN
+
+
+@pytest.fixture
+def logged_in(spine, tmp_path, monkeypatch):
+    monkeypatch.setenv("SCR_NB_PASSCODE", ADMIN["passcode"])
+    session = tmp_path / "session.json"
+    assert cli.main(["login", "--identity", spine.url, "--user", ADMIN["user_id"],
+                     "--session", str(session)]) == 0
+    return session
+
+
+def upload_args(mode, practice, tmp_path, spine, session, *extra):
+    return ["upload", mode, "--practice", str(practice), "--store", str(tmp_path / "s.sqlite"),
+            "--spine", spine.url, "--session", str(session), "--quiet", *extra]
+
+
+def test_eligibility_json_is_the_dry_run(practice, capsys, today):
+    assert cli.main(["eligibility", "--practice", str(practice), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = summarise(decide(load_practice(practice, today=today), Policy(today=today)))
+    assert printed == expected
+    assert set(printed) == {"total", "eligible", "not_required_by_reason"}
+
+
+def test_a_bad_extract_is_refused_naming_file_line_and_column(practice, tmp_path, spine,
+                                                              logged_in, capsys):
+    text = (practice / "medications.csv").read_text(encoding="utf-8")
+    (practice / "medications.csv").write_text(text.replace("prescribed_on", "issued", 1),
+                                              encoding="utf-8")
+    code = cli.main(upload_args("run", practice, tmp_path, spine, logged_in))
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "medications.csv, line 1, column 'prescribed_on'" in err
+    assert spine.simulator.stats()["requests"] == 0
+
+
+def test_login_writes_a_private_session_file(logged_in):
+    assert stat.S_IMODE(os.stat(logged_in).st_mode) == 0o600
+    assert json.loads(logged_in.read_text())["user_id"] == ADMIN["user_id"]
+
+
+def test_login_with_a_wrong_passcode_is_refused(spine, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SCR_NB_PASSCODE", "wrong")
+    code = cli.main(["login", "--identity", spine.url, "--user", ADMIN["user_id"],
+                     "--session", str(tmp_path / "s.json")])
+    assert code == 3 and "refused" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_run_status_log_and_the_refusals(practice, tmp_path, spine, logged_in, capsys, today):
+    eligible = summarise(decide(load_practice(practice, today=today), Policy(today=today)))
+    assert cli.main(upload_args("resume", practice, tmp_path, spine, logged_in)) == 3
+    assert "nothing to resume" in capsys.readouterr().err
+
+    assert cli.main(upload_args("run", practice, tmp_path, spine, logged_in)) == 0
+    out = capsys.readouterr().out
+    assert f"Sent: {eligible['eligible']}" in out and "Not Required:" in out
+    assert stat.S_IMODE(os.stat(tmp_path / "s.sqlite").st_mode) == 0o600
+
+    assert cli.main(["status", "--store", str(tmp_path / "s.sqlite"), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert set(status["counters"]) == {"unprocessed", "sending", "sent", "failed", "not_required"}
+    assert set(status["states"]) == {"unprocessed", "queued", "sending", "transmitted",
+                                     "acknowledged", "failed", "not_required"}
+    assert status["counters"]["sent"] == eligible["eligible"]
+    assert status["not_required_by_reason"] == eligible["not_required_by_reason"]
+    assert status["failed_by_code"] == {}
+    job = status["latest_job"]
+    assert {k: job[k] for k in ("mode", "group", "status", "reason")} == {
+        "mode": "run", "group": None, "status": "completed", "reason": None}
+    assert job["id"] and job["started_at"] and job["ended_at"]
+
+    assert cli.main(upload_args("run", practice, tmp_path, spine, logged_in)) == 3
+    err = capsys.readouterr().err
+    assert "already run to completion" in err and "rerun" in err
+
+    assert cli.main(["log", "--store", str(tmp_path / "s.sqlite"), "--json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["event"] for e in events] == ["refused", "job_start", "job_end", "refused"]
+    assert all(e["user_id"] == ADMIN["user_id"] for e in events)
+    assert events[2]["counters"]["sent"] == eligible["eligible"]
+    assert stat.S_IMODE(os.stat(str(tmp_path / "s.sqlite") + ".log.jsonl").st_mode) == 0o600
+
+
+def test_ctrl_c_stops_and_closes_with_exit_4_and_resume_finishes(practice, tmp_path,
+                                                                 spine_factory, monkeypatch,
+                                                                 capsys):
+    spine = spine_factory(rate_limit_tps=40, rate_limit_burst=1)
+    monkeypatch.setenv("SCR_NB_PASSCODE", ADMIN["passcode"])
+    session = tmp_path / "session.json"
+    assert cli.main(["login", "--identity", spine.url, "--user", ADMIN["user_id"],
+                     "--session", str(session)]) == 0
+    command = [sys.executable, "-m", "scr_nb.cli",
+               *upload_args("run", practice, tmp_path, spine, session, "--rate-limit", "40")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while spine.simulator.stats()["accepted"] < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 4, err
+    assert "resume" in err
+    capsys.readouterr()
+    assert cli.main(["status", "--store", str(tmp_path / "s.sqlite"), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["latest_job"]["status"] == "stopped"
+    assert status["latest_job"]["reason"] == "user_stop"
+    assert status["states"]["sending"] == 0 and status["states"]["transmitted"] == 0
+    assert 0 < status["counters"]["sent"] < 300
+
+    assert cli.main(upload_args("resume", practice, tmp_path, spine, session)) == 0
+    capsys.readouterr()
+    assert cli.main(["status", "--store", str(tmp_path / "s.sqlite"), "--json"]) == 0
+    final = json.loads(capsys.readouterr().out)
+    assert final["counters"]["unprocessed"] == 0 and final["counters"]["sending"] == 0
+    held = {s["nhs_number"] for s in spine.simulator.summaries()}
+    assert len(held) == final["counters"]["sent"]
+    assert spine.simulator.stats()["rejected_by_code"] == {}
