@@ -19,9 +19,12 @@ def test_environment_yml_lists_the_same_dependencies_as_pyproject():
     wanted = {r.replace(" ", "") for r in project["dependencies"]}
     wanted |= {r.replace(" ", "") for r in project["optional-dependencies"]["test"]}
     listed = set()
+    section = None
     for line in (ROOT / "environment.yml").read_text().splitlines():
+        if line and not line.startswith((" ", "#")):
+            section = line.split(":", 1)[0]
         item = line.strip()
-        if not item.startswith("- ") or item.endswith(":"):
+        if section != "dependencies" or not item.startswith("- ") or item.endswith(":"):
             continue
         item = item[2:].strip()
         if _name(item) in {"python", "pip", "-e"} or item.startswith("-e"):
