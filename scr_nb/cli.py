@@ -352,8 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "concurrency", 1) is not None and getattr(args, "concurrency", 1) < 1:
-        parser.error("--concurrency must be at least 1")
+    if args.command == "upload":
+        if args.concurrency < 1:
+            parser.error("--concurrency must be at least 1")
+        if args.rate_limit is not None and args.rate_limit <= 0:
+            parser.error("--rate-limit must be above 0 messages a second (leave it out for none)")
+        if args.ack_timeout <= 0:
+            parser.error("--ack-timeout must be above 0 seconds")
     try:
         return args.func(args)
     except ScrNbError as err:

@@ -19,7 +19,7 @@ from .ack import Ack
 from .clock import SystemClock
 from .constants import MAX_MESSAGE_BYTES
 from .eligibility import Decision, Policy, decide, summarise
-from .errors import RefusedError, SessionExpired, SessionRejected, SpineError
+from .errors import ExtractError, RefusedError, SessionExpired, SessionRejected, SpineError
 from .extract import load_practice
 from .message import Author, OutboundMessage, Windows, build_message, new_id, select_content
 from .practice_log import PracticeLog
@@ -28,6 +28,12 @@ from .session import Session
 from .spine_client import Attempt, RateLimiter, SpineClient
 from .states import RESUMABLE, JobStatus, Mode, PatientState, StopReason, counters
 from .store import Job, Store
+
+
+# Failures after which the Spine may still hold the message: Failed re-sends these with their
+# original id (SPEC 8 names ack_timeout; a send whose transient failures never cleared is as
+# uncertain, since a timed-out POST may have been taken), and rebuilds every other failure.
+UNCERTAIN_FAILURES = frozenset({"ack_timeout", "retries_exhausted"})
 
 
 @dataclass(frozen=True)
@@ -185,14 +191,11 @@ class Engine:
             names = ", ".join(self.store.group_names()) or "none"
             self._refuse(options, f"there is no Patient Group called {group!r} (groups: {names})")
         if mode == Mode.RESUME:
-            latest = self.store.latest_job(any_scope=True)
-            if latest is None or latest.status == JobStatus.COMPLETED.value:
+            latest = self.store.latest_unfinished(group, any_scope=group is None)
+            if latest is None:
+                where = f"Patient Group {group!r}" if group else "this store"
                 self._refuse(options, "there is nothing to resume: no stopped, paused or cancelled "
-                                      "upload in this store. Use Run, Rerun or Failed.")
-            if group is not None and group != latest.group:
-                self._refuse(options, f"the upload to resume is for "
-                                      f"{latest.group or 'the whole list'}, not {group!r}; "
-                                      "resume it without --group or with its own group.")
+                                      f"upload in {where}. Use Run, Rerun or Failed.")
             if latest.status == JobStatus.RUNNING.value:
                 # Its process is gone (one job per store): close it so the chain goes on here.
                 self.store.end_job(latest.id, JobStatus.STOPPED, None, latest.totals)
@@ -224,7 +227,12 @@ class Engine:
             self.log.write("refused", mode=options.mode.value, group=options.group,
                            user_id=self.session.user_id, reason=str(err))
             raise
-        practice, decisions = self.prepare(options)
+        try:
+            practice, decisions = self.prepare(options)
+        except ExtractError as err:
+            self.log.write("refused", mode=options.mode.value, group=options.group,
+                           user_id=self.session.user_id, reason=str(err))
+            raise
         chain_id, chain_mode, group = self._chain(options)
         job = self.store.start_job(options.mode.value, chain_mode, group, chain_id,
                                    self.session.user_id, self.session.name, options.settings())
@@ -241,7 +249,14 @@ class Engine:
                                           "skip_acknowledged")},
                        not_required_by_reason=self.dry_run["not_required_by_reason"])
         run = _Run(self, options, job, chain_mode, practice, decisions, progress)
-        status, reason = await run.execute()
+        try:
+            status, reason = await run.execute()
+        except Exception as err:
+            # An unexpected error: the job is left resumable, never "completed".
+            self.store.end_job(job.id, JobStatus.STOPPED, None, run.statistics())
+            self.log.write("job_error", job_id=job.id, user_id=self.session.user_id,
+                           error=f"{type(err).__name__}: {err}")
+            raise
         totals = run.statistics()
         job = self.store.end_job(job.id, status, reason.value if reason else None, totals)
         progress.status = job.status
@@ -270,6 +285,7 @@ class _Run:
         self.stop_reason: StopReason | None = None
         self.stop_status: JobStatus | None = None
         self.trackers: set[asyncio.Task] = set()
+        self.tracker_errors: list[BaseException] = []
         self.last_report = 0.0
 
     # --- bookkeeping --------------------------------------------------------------------------
@@ -377,10 +393,10 @@ class _Run:
                 plan.append(_Work(pkey, message=self.stored(message_id)))
         for pkey in self.store.select_work(self.chain_mode, self.job.chain_id, self.job.group,
                                            self.options.skip_acknowledged):
-            if self.chain_mode == Mode.FAILED.value:
+            if self.chain_mode in (Mode.FAILED.value, Mode.RERUN.value):
                 row = self.store.patient(pkey)
                 kept = self.store.message(row["message_id"]) if row["message_id"] else None
-                if kept is not None and kept.failure_code == "ack_timeout" and kept.body:
+                if kept is not None and kept.failure_code in UNCERTAIN_FAILURES and kept.body:
                     # The Spine may hold it: same id, and duplicate elimination answers.
                     self.store.requeue(pkey, kept.message_id, self.job.id, self.job.chain_id)
                     plan.append(_Work(pkey, message=self.stored(kept.message_id)))
@@ -397,7 +413,8 @@ class _Run:
         client = self.engine.client_factory(
             self.engine.spine_url, self.engine.session, asid=self.options.sender_asid,
             rate_limiter=limiter, concurrency=self.options.concurrency,
-            retry_window=self.options.retry_window, now=self.clock.now, sleep=self.clock.sleep,
+            retry_window=self.options.retry_window, now=self.clock.now,
+            monotonic=self.clock.monotonic, sleep=self.clock.sleep,
             on_attempt=self.record_attempt)
         self.client = client
         queue: asyncio.Queue = asyncio.Queue(maxsize=self.options.concurrency * 2)
@@ -409,6 +426,8 @@ class _Run:
             # Acks of transmitted messages are tracked to the end, whatever stopped the sending.
             while self.trackers:
                 await asyncio.gather(*list(self.trackers))
+            if self.tracker_errors:
+                raise self.tracker_errors[0]
         finally:
             for task in [producer, *senders, *self.trackers]:
                 task.cancel()
@@ -418,6 +437,10 @@ class _Run:
             return self.stop_status, self.stop_reason
         if self.control.stopping:
             return self.control.requested, self.control.reason
+        left = self.store.in_flight(self.job.group)
+        if left:
+            raise RuntimeError(f"{len(left)} patients are still in flight at the end of job "
+                               f"{self.job.id}; Resume finishes them")
         return JobStatus.COMPLETED, None
 
     async def supervise(self, producer: asyncio.Task, senders: list[asyncio.Task],
@@ -483,7 +506,12 @@ class _Run:
     def track(self, work: _Work, first_wait: float = 0.0) -> None:
         task = asyncio.create_task(self.await_ack(work, first_wait))
         self.trackers.add(task)
-        task.add_done_callback(self.trackers.discard)
+        task.add_done_callback(self._tracker_done)
+
+    def _tracker_done(self, task: asyncio.Task) -> None:
+        self.trackers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.tracker_errors.append(task.exception())
 
     async def await_ack(self, work: _Work, wait: float) -> None:
         client = self.client

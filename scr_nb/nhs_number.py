@@ -23,7 +23,7 @@ def check_digit(first_nine: str) -> int | None:
 
 def is_valid(raw: str | None) -> bool:
     number = normalise(raw)
-    if len(number) != 10 or not number.isdigit():
+    if len(number) != 10 or not (number.isascii() and number.isdigit()):
         return False
     return check_digit(number[:9]) == int(number[9])
 

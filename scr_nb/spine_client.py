@@ -108,11 +108,13 @@ class SpineClient:
                  request_timeout: float = 30.0, retry_window: float = 600.0,
                  backoff_base: float = 0.25, backoff_max: float = 30.0,
                  now: Callable[[], datetime] = utcnow,
+                 monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  on_attempt: Callable[[Attempt], None] | None = None):
         self.base_url = base_url.rstrip("/")
         self.session, self.asid = session, asid
         self.rate_limiter, self.now, self.sleep = rate_limiter, now, sleep
+        self.monotonic = monotonic
         self.retry_window, self.backoff_base, self.backoff_max = retry_window, backoff_base, backoff_max
         self.on_attempt = on_attempt
         self.http = aiohttp.ClientSession(
@@ -158,7 +160,7 @@ class SpineClient:
         """POST until the Spine takes the message (202); transient failures are retried with
         backoff and the same message id. Raises SpineError for a permanent refusal or when the
         retry window runs out, SessionRejected on 401, SessionExpired before a dead session."""
-        started = time.monotonic()
+        started = self.monotonic()
         attempt = 0
         while True:
             attempt += 1
@@ -199,7 +201,7 @@ class SpineClient:
                     codes = (fault.code,) if fault and fault.code else ()
                     raise SpineError(f"the Spine refused the message: HTTP {status} {detail}",
                                      retriable=False, status=status, codes=codes)
-            if time.monotonic() - started > self.retry_window:
+            if self.monotonic() - started > self.retry_window:
                 raise SpineError(f"transient failures did not clear in {self.retry_window:.0f} s "
                                  f"({attempt} attempts; last: {reason})", retriable=True)
             if wait is None:

@@ -25,6 +25,7 @@ from .states import (
 )
 
 SCHEMA_VERSION = "1"
+NOT_IN_EXTRACT = "not_in_extract"   # a patient the store knows but the latest extract does not
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS patients (
@@ -192,6 +193,7 @@ class Store:
         not-required patient who is now eligible becomes unprocessed. In-flight and acknowledged
         patients keep their state: their summaries are, or may be, on the Spine."""
         stamp = now_iso()
+        rows = list(rows)
         with self.transaction() as db:
             db.executemany(
                 """INSERT INTO patients (pkey, patient_id, nhs_number, source_row, eligibility,
@@ -218,6 +220,15 @@ class Store:
                            THEN patients.updated_at ELSE excluded.updated_at END""",
                 ((k, pid, nhs, row, reason, int(dissent), stamp)
                  for k, pid, nhs, row, reason, dissent in rows))
+            # Patients gone from the extract are not sent: they get a reason, not silence.
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS extract_keys (pkey TEXT PRIMARY KEY)")
+            db.execute("DELETE FROM temp.extract_keys")
+            db.executemany("INSERT OR IGNORE INTO temp.extract_keys VALUES (?)",
+                           ((r[0],) for r in rows))
+            db.execute("UPDATE patients SET state = 'not_required', reason = ?, eligibility = ?, "
+                       "updated_at = ? WHERE state IN ('unprocessed', 'failed', 'not_required') "
+                       "AND pkey NOT IN (SELECT pkey FROM temp.extract_keys)",
+                       (NOT_IN_EXTRACT, NOT_IN_EXTRACT, stamp))
 
     def sync_extract_groups(self, groups: dict[str, list[str]]) -> None:
         with self.transaction() as db:
@@ -270,6 +281,16 @@ class Store:
             row = self.db.execute(f"SELECT {self._JOB_COLUMNS} FROM jobs WHERE group_name IS ? "
                                   "ORDER BY id DESC LIMIT 1", (group,))
         return self._job(row.fetchone())
+
+    def latest_unfinished(self, group: str | None = None, any_scope: bool = True) -> Job | None:
+        """The newest job that is the last of its chain and did not complete: what Resume
+        continues. A completed Resume closes its chain, so earlier stops are not picked again."""
+        scope = "" if any_scope else "AND group_name IS ?"
+        args = () if any_scope else (group,)
+        return self._job(self.db.execute(
+            f"SELECT {self._JOB_COLUMNS} FROM jobs AS j WHERE status != 'completed' "
+            f"AND id = (SELECT MAX(id) FROM jobs WHERE chain_id = j.chain_id) {scope} "
+            "ORDER BY id DESC LIMIT 1", args).fetchone())
 
     def jobs(self) -> list[Job]:
         return [self._job(r) for r in self.db.execute(
