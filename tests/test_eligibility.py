@@ -20,6 +20,7 @@ def test_modulus_11():
     assert not is_valid("9434765918")           # wrong check digit
     assert not is_valid("94347659")             # too short
     assert not is_valid("94347659AB")
+    assert not is_valid("943476591\u00b2") and not is_valid("\uff19434765919"[:10])
     assert is_valid(nhs(5))
     assert mask("9434765919") == "943 *** 5919"
 

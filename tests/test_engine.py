@@ -273,3 +273,67 @@ def test_blank_dissent_policy_sends_dissenting_patients_a_summary(tmp_path, spin
     assert result.completed
     assert set(held(spine)) == eligible_numbers(practice, today, dissent="blank")
     assert status(tmp_path)["not_required_by_reason"]["dissent"] == 0
+
+
+def test_resume_continues_a_stopped_whole_list_job_after_a_group_run(tmp_path, spine,
+                                                                     admin_session, practice,
+                                                                     today):
+    control = JobControl()
+    first = job(tmp_path, admin_session, spine, practice, "run", control=control, concurrency=2,
+                on_progress=lambda p: control.stop() if p.acknowledged >= 10 else None)
+    assert first.job.status == "paused"
+    group = sorted(load_practice(practice, today=today).groups)[0]
+    assert job(tmp_path, admin_session, spine, practice, "run", group=group).completed
+    resumed = job(tmp_path, admin_session, spine, practice, "resume")
+    assert resumed.completed and resumed.job.group is None
+    assert set(held(spine)) == eligible_numbers(practice, today)
+    with pytest.raises(RefusedError):
+        job(tmp_path, admin_session, spine, practice, "resume")
+
+
+def test_rerun_resends_ack_timeouts_with_their_original_id(tmp_path, spine_factory,
+                                                           admin_session, practice, today):
+    spine = spine_factory(drop_ack_rate=1.0)
+    session = sessions.login(spine.url, admin_session.user_id, "right-passcode")
+    job(tmp_path, session, spine, practice, "run", ack_timeout=0.3)
+    lost = status(tmp_path)["failed_by_code"]["ack_timeout"]
+    spine.simulator.config.drop_ack_rate = 0.0
+    result = job(tmp_path, session, spine, practice, "rerun", ack_timeout=5)
+    assert result.completed
+    stats = spine.simulator.stats()
+    assert stats["duplicates"] == lost and stats["rejected_by_code"] == {}
+    assert status(tmp_path)["counters"]["sent"] == len(eligible_numbers(practice, today))
+
+
+def test_an_unexpected_error_leaves_the_job_resumable(tmp_path, spine, admin_session, practice,
+                                                      today):
+    polls = {"n": 0}
+
+    class BrokenPolls(SpineClient):
+        async def poll(self, url, message_id=""):
+            polls["n"] += 1
+            if polls["n"] == 5:
+                raise ValueError("garbled answer")
+            return await super().poll(url, message_id)
+
+    with pytest.raises(ValueError):
+        job(tmp_path, admin_session, spine, practice, "run", client_factory=BrokenPolls)
+    st = status(tmp_path)
+    assert st["latest_job"]["status"] == "stopped"
+    assert job(tmp_path, admin_session, spine, practice, "resume").completed
+    assert set(held(spine)) == eligible_numbers(practice, today)
+
+
+def test_patients_gone_from_the_extract_get_a_reason(tmp_path, spine, admin_session, practice,
+                                                     today):
+    control = JobControl()
+    job(tmp_path, admin_session, spine, practice, "run", control=control, concurrency=1,
+        on_progress=lambda p: control.stop() if p.acknowledged >= 5 else None)
+    lines = (practice / "patients.csv").read_text(encoding="utf-8-sig").splitlines(keepends=True)
+    (practice / "patients.csv").write_text("".join(lines[:-30]), encoding="utf-8")
+    result = job(tmp_path, admin_session, spine, practice, "resume")
+    st = status(tmp_path)
+    assert result.completed and st["counters"]["unprocessed"] == 0
+    assert st["not_required_by_reason"]["not_in_extract"] > 0
+    assert len(held(spine)) == st["counters"]["sent"]
+    assert st["counters"]["failed"] == 0
