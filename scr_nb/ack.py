@@ -55,7 +55,8 @@ class Ack:
 
 
 def _local(tag: object) -> str:
-    return etree.QName(tag).localname if isinstance(tag, str) else ""
+    """``{urn:hl7-org:v3}acknowledgement`` -> ``acknowledgement``; comments have no name."""
+    return tag.rpartition("}")[2] if isinstance(tag, str) else ""
 
 
 def _xml_documents(body: bytes, content_type: str | None) -> list[etree._Element]:

@@ -147,6 +147,8 @@ class JobControl:
 @dataclass
 class _Work:
     pkey: str
+    message_id: str
+    event_id: str                            # the GP Summary id the Spine will hold
     message: OutboundMessage | None = None   # set when it has to be (re)sent
     poll_url: str | None = None              # set when it only has to be polled
 
@@ -388,9 +390,10 @@ class _Run:
             if kept is None:
                 continue
             if kept.state == PatientState.TRANSMITTED.value and kept.poll_url:
-                plan.append(_Work(pkey, poll_url=kept.poll_url))
+                plan.append(_Work(pkey, kept.message_id, kept.event_id, poll_url=kept.poll_url))
             else:
-                plan.append(_Work(pkey, message=self.stored(message_id)))
+                plan.append(_Work(pkey, kept.message_id, kept.event_id,
+                                  message=self.stored(message_id)))
         for pkey in self.store.select_work(self.chain_mode, self.job.chain_id, self.job.group,
                                            self.options.skip_acknowledged):
             if self.chain_mode in (Mode.FAILED.value, Mode.RERUN.value):
@@ -399,7 +402,8 @@ class _Run:
                 if kept is not None and kept.failure_code in UNCERTAIN_FAILURES and kept.body:
                     # The Spine may hold it: same id, and duplicate elimination answers.
                     self.store.requeue(pkey, kept.message_id, self.job.id, self.job.chain_id)
-                    plan.append(_Work(pkey, message=self.stored(kept.message_id)))
+                    plan.append(_Work(pkey, kept.message_id, kept.event_id,
+                                      message=self.stored(kept.message_id)))
                     continue
             plan.append(pkey)
         return plan
@@ -469,7 +473,7 @@ class _Run:
                 message = self.build(item)
                 if message is None:
                     continue
-                item = _Work(item, message=message)
+                item = _Work(item, message.message_id, message.event_id, message=message)
             self.progress.queued += 1
             if item.poll_url:
                 self.track(item)
@@ -500,7 +504,7 @@ class _Run:
             self.store.mark_transmitted(message.message_id, sent.poll_url, sent.attempts)
             self.progress.transmitted += 1
             self.report()
-            self.track(_Work(work.pkey, message=message, poll_url=sent.poll_url),
+            self.track(_Work(work.pkey, work.message_id, work.event_id, poll_url=sent.poll_url),
                        first_wait=sent.retry_after)
 
     def track(self, work: _Work, first_wait: float = 0.0) -> None:
@@ -515,7 +519,7 @@ class _Run:
 
     async def await_ack(self, work: _Work, wait: float) -> None:
         client = self.client
-        message_id = self.store.patient(work.pkey)["message_id"]
+        message_id = work.message_id
         deadline = self.clock.monotonic() + self.options.ack_timeout
         while True:
             await self.clock.sleep(min(wait, max(0.0, deadline - self.clock.monotonic())))
@@ -535,7 +539,7 @@ class _Run:
                 continue
             ack = result.ack
             if ack.accepted:
-                self.store.mark_acknowledged(message_id, result.body)
+                self.store.mark_acknowledged(message_id, work.event_id)
                 self.progress.acknowledged += 1
                 self.report()
             else:

@@ -29,6 +29,12 @@ PATIENT_TRANSITIONS: dict[PatientState, frozenset[PatientState]] = {
     P.FAILED: frozenset({P.UNPROCESSED, P.QUEUED, P.NOT_REQUIRED}),
     P.NOT_REQUIRED: frozenset({P.UNPROCESSED, P.NOT_REQUIRED}),
 }
+# For each state, the states it may be entered from (itself included): the store's updates use it.
+PREDECESSORS: dict[PatientState, tuple[str, ...]] = {
+    new: tuple(sorted({new.value} | {old.value for old, targets in PATIENT_TRANSITIONS.items()
+                                     if new in targets}))
+    for new in PatientState
+}
 IN_FLIGHT = frozenset({P.QUEUED, P.SENDING, P.TRANSMITTED})
 FINAL = frozenset({P.ACKNOWLEDGED, P.FAILED, P.NOT_REQUIRED})
 

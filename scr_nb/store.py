@@ -20,8 +20,8 @@ from pathlib import Path
 
 from .errors import StoreError
 from .states import (
-    FINAL, IN_FLIGHT, NOT_REQUIRED_REASONS, JobStatus, PatientState, check_job_transition,
-    check_transition, counters,
+    FINAL, IN_FLIGHT, NOT_REQUIRED_REASONS, PREDECESSORS, JobStatus, PatientState,
+    check_job_transition, check_transition, counters,
 )
 
 SCHEMA_VERSION = "1"
@@ -149,6 +149,7 @@ def _create_private(path: Path) -> None:
 class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._attempts: list[tuple] = []
         _create_private(self.path)
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -171,12 +172,18 @@ class Store:
                 os.chmod(side, 0o600)
 
     def close(self) -> None:
+        if self._attempts:
+            self.flush()
         self.db.close()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         self.db.execute("BEGIN IMMEDIATE")
         try:
+            if self._attempts:
+                self.db.executemany("INSERT INTO attempts (message_id, at, kind, http_status, "
+                                    "detail) VALUES (?, ?, ?, ?, ?)", self._attempts)
+                self._attempts = []
             yield self.db
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -313,8 +320,9 @@ class Store:
         current = self.job(job_id)
         check_job_transition(current.status, status)
         ended = None if status == JobStatus.RUNNING else now_iso()
-        self.db.execute("UPDATE jobs SET status = ?, reason = ?, ended_at = ?, totals = ? "
-                        "WHERE id = ?", (status.value, reason, ended, json.dumps(totals), job_id))
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET status = ?, reason = ?, ended_at = ?, totals = ? "
+                       "WHERE id = ?", (status.value, reason, ended, json.dumps(totals), job_id))
         return self.job(job_id)
 
     # --- work selection -------------------------------------------------------------------------
@@ -364,14 +372,28 @@ class Store:
 
     # --- per-patient transitions ----------------------------------------------------------------
 
-    def _move(self, db: sqlite3.Connection, pkey: str, new: PatientState, **fields: object) -> None:
-        row = db.execute("SELECT state FROM patients WHERE pkey = ?", (pkey,)).fetchone()
+    def _move(self, db: sqlite3.Connection, pkey: str, new: PatientState,
+              only_if_message: str | None = None, **fields: object) -> bool:
+        """Move one patient to ``new`` if the transition table allows it from its state (and, with
+        ``only_if_message``, only while that message is still its current one)."""
+        sources = PREDECESSORS[new]
+        sets = "".join(f", {k} = ?" for k in fields)
+        sql = (f"UPDATE patients SET state = ?, updated_at = ?{sets} WHERE pkey = ? "
+               f"AND state IN ({', '.join('?' * len(sources))})")
+        args: list[object] = [new.value, now_iso(), *fields.values(), pkey, *sources]
+        if only_if_message is not None:
+            sql += " AND message_id = ?"
+            args.append(only_if_message)
+        if db.execute(sql, args).rowcount:
+            return True
+        row = db.execute("SELECT state, message_id FROM patients WHERE pkey = ?",
+                         (pkey,)).fetchone()
         if row is None:
             raise StoreError(f"no patient {pkey!r} in {self.path}")
-        check_transition(row[0], new)
-        sets = ", ".join(f"{k} = ?" for k in fields)
-        db.execute(f"UPDATE patients SET state = ?, updated_at = ?{', ' if sets else ''}{sets} "
-                   "WHERE pkey = ?", (new.value, now_iso(), *fields.values(), pkey))
+        if only_if_message is not None and row[1] != only_if_message:
+            return False   # a newer message has taken over; this one's news is history
+        check_transition(row[0], new)   # raises: the table does not allow it
+        return False
 
     def queue_message(self, pkey: str, job_id: int, chain_id: int, message_id: str, event_id: str,
                       prior_event_id: str | None, content_type: str, body: bytes) -> None:
@@ -430,12 +452,7 @@ class Store:
             sets = ", ".join(f"{k} = ?" for k in message_fields)
             db.execute(f"UPDATE messages SET state = ?{', ' if sets else ''}{sets} "
                        "WHERE message_id = ?", (new.value, *message_fields.values(), message_id))
-            current = db.execute("SELECT message_id FROM patients WHERE pkey = ?",
-                                 (row[0],)).fetchone()
-            if current is None or current[0] != message_id:
-                return False
-            self._move(db, row[0], new, **patient_fields)
-            return True
+            return self._move(db, row[0], new, only_if_message=message_id, **patient_fields)
 
     def mark_sending(self, message_id: str) -> None:
         self._message_move(message_id, PatientState.SENDING, {})
@@ -445,13 +462,11 @@ class Store:
                            {"poll_url": poll_url, "transmitted_at": now_iso(),
                             "post_attempts": attempts})
 
-    def mark_acknowledged(self, message_id: str, ack_body: bytes) -> None:
-        event = self.db.execute("SELECT event_id FROM messages WHERE message_id = ?",
-                                (message_id,)).fetchone()[0]
+    def mark_acknowledged(self, message_id: str, event_id: str) -> None:
+        """AA: the summary is on the Spine. The ack itself is not kept: every AA says the same."""
         self._message_move(message_id, PatientState.ACKNOWLEDGED,
-                           {"acked_at": now_iso(), "ack_type": "AA", "ack_codes": "",
-                            "ack_body": zlib.compress(ack_body, 1)},
-                           reason=None, ack_event_id=event, ack_message_id=message_id)
+                           {"acked_at": now_iso(), "ack_type": "AA", "ack_codes": ""},
+                           reason=None, ack_event_id=event_id, ack_message_id=message_id)
 
     def mark_failed(self, message_id: str, code: str, ack_type: str | None = None,
                     ack_codes: tuple[str, ...] = (), ack_body: bytes | None = None) -> None:
@@ -462,8 +477,13 @@ class Store:
         self._message_move(message_id, PatientState.FAILED, fields, reason=code)
 
     def record_attempt(self, message_id: str, kind: str, status: int | None, detail: str) -> None:
-        self.db.execute("INSERT INTO attempts (message_id, at, kind, http_status, detail) "
-                        "VALUES (?, ?, ?, ?, ?)", (message_id, now_iso(), kind, status, detail))
+        """Note one HTTP exchange for the patient's timeline; written with the next state change
+        (or by ``flush``), so the timeline costs no transaction of its own."""
+        self._attempts.append((message_id, now_iso(), kind, status, detail))
+
+    def flush(self) -> None:
+        with self.transaction():
+            pass
 
     # --- reading --------------------------------------------------------------------------------
 
