@@ -129,6 +129,9 @@ def parse_soap_fault(body: bytes, content_type: str | None = None) -> SoapFault 
         if fault is None:
             continue
         code_el = _first(fault, "errorCode")
+        if code_el is None:   # other wrappers: the first numeric element named like a code
+            code_el = next((e for e in fault.iter() if _local(e.tag).lower().endswith("code")
+                            and (e.text or "").strip().isdigit()), None)
         words = _first(fault, "description")
         if words is None:
             words = _first(fault, "faultstring")

@@ -217,7 +217,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
         use = getattr(err, "use_mode", None)
         print(f"scr-nb upload {args.mode}: refused: {err}", file=sys.stderr)
         if use:
-            print(f"Next: scr-nb upload {use.split(' ')[0]} ...", file=sys.stderr)
+            modes = " or ".join(f"scr-nb upload {m} ..." for m in use.split(" or "))
+            print(f"Next: {modes}", file=sys.stderr)
         return EXIT_REFUSED
     finally:
         store.close()

@@ -538,6 +538,13 @@ class _Run:
                 wait = max(0.05, result.retry_after)
                 continue
             ack = result.ack
+            if ack.message_ref and ack.message_ref.upper() != message_id.upper():
+                # Never take another message's ack as this one's: the poll goes on until the
+                # ack timeout, and the patient then fails with a reason support can see.
+                self.engine.log.write("ack_mismatch", job_id=self.job.id, message_id=message_id,
+                                      message_ref=ack.message_ref)
+                wait = max(0.05, result.retry_after or 1.0)
+                continue
             if ack.accepted:
                 self.store.mark_acknowledged(message_id, work.event_id)
                 self.progress.acknowledged += 1

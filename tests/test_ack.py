@@ -67,3 +67,10 @@ def test_soap_fault_code_and_words():
     fault = parse_soap_fault(body)
     assert fault.code == "208" and fault.description == "Timeout"
     assert parse_soap_fault(read("ack-AA-upload-successful.mime")) is None
+
+
+def test_soap_fault_code_in_another_wrapper():
+    body = (b'<Envelope><Body><Fault><faultcode>Server</faultcode><faultstring>busy</faultstring>'
+            b'<detail><error><code>206</code></error></detail></Fault></Body></Envelope>')
+    fault = parse_soap_fault(body)
+    assert fault.code == "206" and fault.description == "busy"
