@@ -59,11 +59,14 @@ def _local(tag: object) -> str:
     return tag.rpartition("}")[2] if isinstance(tag, str) else ""
 
 
-def _xml_documents(body: bytes, content_type: str | None) -> list[etree._Element]:
+def _xml_documents(body: bytes, content_type: str | None,
+                   wanted: bytes = b"") -> list[etree._Element]:
+    """The XML parts of a body (or the body itself), skipping parts that do not mention
+    ``wanted``, so the ebXML header of an ack is not parsed for nothing."""
     documents = []
     for part in parse_related(body, content_type):
         text = part.body.strip()
-        if not text.startswith(b"<"):
+        if not text.startswith(b"<") or (wanted and wanted not in text):
             continue
         try:
             documents.append(etree.fromstring(text, _PARSER))
@@ -73,44 +76,38 @@ def _xml_documents(body: bytes, content_type: str | None) -> list[etree._Element
 
 
 def _first(root: etree._Element, name: str) -> etree._Element | None:
-    for element in root.iter():
-        if _local(element.tag) == name:
-            return element
-    return None
+    """The first element called ``name`` in any namespace or none (lxml's ``{*}`` wildcard)."""
+    return next(root.iter(f"{{*}}{name}"), None)
+
+
+def _reason(issue: etree._Element) -> AckReason | None:
+    code = next(issue.iterchildren("{*}code"), None)
+    if code is None:
+        return None
+    qualifier = ""
+    q = _first(code, "qualifier")
+    if q is not None:   # qualifier/@code, or qualifier/value/@code as in the SOAP-wrapped ack
+        qualifier = q.get("code") or next(
+            (v.get("code", "") for v in q.iterchildren("{*}value")), "")
+    return AckReason(code=(code.get("code") or "").strip(), display=code.get("displayName") or "",
+                     qualifier=qualifier, code_system=code.get("codeSystem") or "")
 
 
 def parse_ack(body: bytes, content_type: str | None = None) -> Ack:
     """Parse an application ack in any of the wrappers the Spine uses.
 
     Raises SpineError (not retriable) when no MCCI acknowledgement can be found."""
-    for root in _xml_documents(body, content_type):
+    for root in _xml_documents(body, content_type, b"acknowledgement"):
         ack = _first(root, "acknowledgement")
         if ack is None:
             continue
-        ref = None
-        message_ref = next((e for e in ack.iter() if _local(e.tag) == "messageRef"), None)
-        if message_ref is not None:
-            ref = next((e.get("root") for e in message_ref.iter() if _local(e.tag) == "id"), None)
-        reasons = []
-        for issue in root.iter():
-            if _local(issue.tag) != "justifyingDetectedIssueEvent":
-                continue
-            code = next((e for e in issue if _local(e.tag) == "code"), None)
-            if code is None:
-                continue
-            qualifier = ""
-            for q in code.iter():
-                if _local(q.tag) == "qualifier":
-                    qualifier = q.get("code") or next(
-                        (v.get("code", "") for v in q if _local(v.tag) == "value"), "")
-                    break
-            reasons.append(AckReason(code=(code.get("code") or "").strip(),
-                                     display=code.get("displayName") or "",
-                                     qualifier=qualifier,
-                                     code_system=code.get("codeSystem") or ""))
+        ref_el = _first(ack, "messageRef")
+        ref_id = _first(ref_el, "id") if ref_el is not None else None
+        reasons = [r for r in map(_reason, root.iter("{*}justifyingDetectedIssueEvent")) if r]
         detail_el = _first(root, "detail")
         detail = (detail_el.text or "").strip() if detail_el is not None else ""
-        return Ack(type_code=(ack.get("typeCode") or "").strip(), message_ref=ref or "",
+        return Ack(type_code=(ack.get("typeCode") or "").strip(),
+                   message_ref=(ref_id.get("root") or "") if ref_id is not None else "",
                    reasons=tuple(reasons), detail=detail)
     raise SpineError("the Spine's answer holds no MCCI_IN010000UK13 acknowledgement",
                      retriable=False)

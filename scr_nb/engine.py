@@ -34,6 +34,7 @@ from .store import Job, Store
 # original id (SPEC 8 names ack_timeout; a send whose transient failures never cleared is as
 # uncertain, since a timed-out POST may have been taken), and rebuilds every other failure.
 UNCERTAIN_FAILURES = frozenset({"ack_timeout", "retries_exhausted"})
+FLUSH_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -350,8 +351,29 @@ class _Run:
 
     # --- work -----------------------------------------------------------------------------------
 
-    def build(self, pkey: str) -> OutboundMessage | None:
-        """Build and store a new message for one patient; None when it cannot be sent."""
+    def build_batch(self, items: list[str | _Work]) -> list[_Work]:
+        """Build new messages for the patients among ``items`` and store them all in one
+        transaction (ids committed before anything is sent); in-flight work passes through."""
+        works: list[_Work] = []
+        fresh: list[tuple[str, str, str, str | None, str, bytes]] = []
+        for item in items:
+            if isinstance(item, _Work):
+                works.append(item)
+                continue
+            built = self.build(item)
+            if built is None:
+                continue
+            message, prior = built
+            fresh.append((item, message.message_id, message.event_id, prior,
+                          message.content_type, message.body))
+            works.append(_Work(item, message.message_id, message.event_id, message=message))
+        if fresh:
+            self.store.queue_messages(self.job.id, self.job.chain_id, fresh)
+        return works
+
+    def build(self, pkey: str) -> tuple[OutboundMessage, str | None] | None:
+        """Build a new message for one patient, with the summary it replaces; None when it
+        cannot be sent (a message over the size limit fails the patient here)."""
         decision = self.decisions.get(pkey)
         if decision is None or not decision.eligible:
             return None   # no longer in the extract or no longer eligible: sync made it so
@@ -370,9 +392,7 @@ class _Run:
             self.progress.failed_by_code["message_too_large"] = \
                 self.progress.failed_by_code.get("message_too_large", 0) + 1
             return None
-        self.store.queue_message(pkey, self.job.id, self.job.chain_id, message.message_id,
-                                 message.event_id, prior, message.content_type, message.body)
-        return message
+        return message, prior
 
     def stored(self, message_id: str) -> OutboundMessage | None:
         kept = self.store.message(message_id)
@@ -423,6 +443,7 @@ class _Run:
         self.client = client
         queue: asyncio.Queue = asyncio.Queue(maxsize=self.options.concurrency * 2)
         producer = asyncio.create_task(self.produce(plan, queue))
+        flusher = asyncio.create_task(self.flush_now_and_then())
         senders = [asyncio.create_task(self.send_loop(queue))
                    for _ in range(self.options.concurrency)]
         try:
@@ -433,9 +454,10 @@ class _Run:
             if self.tracker_errors:
                 raise self.tracker_errors[0]
         finally:
-            for task in [producer, *senders, *self.trackers]:
+            for task in [producer, flusher, *senders, *self.trackers]:
                 task.cancel()
             await client.aclose()
+            self.store.flush()
         self.report(force=True)
         if self.stop_reason is not None:
             return self.stop_status, self.stop_reason
@@ -446,6 +468,12 @@ class _Run:
             raise RuntimeError(f"{len(left)} patients are still in flight at the end of job "
                                f"{self.job.id}; Resume finishes them")
         return JobStatus.COMPLETED, None
+
+    async def flush_now_and_then(self) -> None:
+        """Write deferred state changes a few times a second, so status readers see progress."""
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            self.store.flush()
 
     async def supervise(self, producer: asyncio.Task, senders: list[asyncio.Task],
                         queue: asyncio.Queue) -> None:
@@ -466,19 +494,17 @@ class _Run:
                 pending.add(asyncio.create_task(close_queue()))
 
     async def produce(self, plan: list[str | _Work], queue: asyncio.Queue) -> None:
-        for item in plan:
+        """Build ahead of the senders, a batch at a time (the outbound queue is bounded)."""
+        batch = max(1, min(64, self.options.concurrency * 2))
+        for start in range(0, len(plan), batch):
             if self.halted:
                 return
-            if isinstance(item, str):
-                message = self.build(item)
-                if message is None:
-                    continue
-                item = _Work(item, message.message_id, message.event_id, message=message)
-            self.progress.queued += 1
-            if item.poll_url:
-                self.track(item)
-                continue
-            await queue.put(item)
+            for work in self.build_batch(plan[start:start + batch]):
+                self.progress.queued += 1
+                if work.poll_url:
+                    self.track(work)
+                else:
+                    await queue.put(work)   # stopped meanwhile: the sender leaves it queued
 
     async def send_loop(self, queue: asyncio.Queue) -> None:
         client = self.client

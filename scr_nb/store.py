@@ -25,7 +25,8 @@ from .states import (
 )
 
 SCHEMA_VERSION = "1"
-NOT_IN_EXTRACT = "not_in_extract"   # a patient the store knows but the latest extract does not
+NOT_IN_EXTRACT = "not_in_extract"
+MAX_DEFERRED = 500                  # deferred moves written at the latest with the 500th   # a patient the store knows but the latest extract does not
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS patients (
@@ -150,6 +151,7 @@ class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._attempts: list[tuple] = []
+        self._moves: list[tuple] = []   # deferred message moves, written by the next transaction
         _create_private(self.path)
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -172,8 +174,7 @@ class Store:
                 os.chmod(side, 0o600)
 
     def close(self) -> None:
-        if self._attempts:
-            self.flush()
+        self.flush()
         self.db.close()
 
     @contextmanager
@@ -184,6 +185,9 @@ class Store:
                 self.db.executemany("INSERT INTO attempts (message_id, at, kind, http_status, "
                                     "detail) VALUES (?, ?, ?, ?, ?)", self._attempts)
                 self._attempts = []
+            moves, self._moves = self._moves, []
+            for move in moves:
+                self._apply_move(self.db, *move)
             yield self.db
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -329,6 +333,7 @@ class Store:
 
     def in_flight(self, group: str | None) -> list[tuple[str, str]]:
         """(pkey, message_id) of patients whose message may be on its way: finish these first."""
+        self.flush()
         where, args = self._scope(group)
         return list(self.db.execute(
             f"SELECT pkey, message_id FROM patients WHERE state IN ('queued', 'sending', "
@@ -337,6 +342,7 @@ class Store:
     def select_work(self, chain_mode: str, chain_id: int, group: str | None,
                     skip_acknowledged: bool = False) -> list[str]:
         """The patients a job of ``chain_mode`` still has to send, in extract order."""
+        self.flush()
         where, args = self._scope(group)
         if chain_mode == "run":
             cond = "state = 'unprocessed'"
@@ -354,12 +360,14 @@ class Store:
             f"SELECT pkey FROM patients WHERE {cond} AND {where} ORDER BY source_row", args)]
 
     def count_in_scope(self, group: str | None, state: PatientState) -> int:
+        self.flush()
         where, args = self._scope(group)
         return self.db.execute(f"SELECT COUNT(*) FROM patients WHERE state = ? AND {where}",
                                (state.value, *args)).fetchone()[0]
 
     def scope_size(self, group: str | None) -> tuple[int, int]:
         """(patients, eligible patients) in scope."""
+        self.flush()
         where, args = self._scope(group)
         return self.db.execute(
             f"SELECT COUNT(*), COALESCE(SUM(eligibility IS NULL), 0) FROM patients WHERE {where}",
@@ -395,18 +403,22 @@ class Store:
         check_transition(row[0], new)   # raises: the table does not allow it
         return False
 
-    def queue_message(self, pkey: str, job_id: int, chain_id: int, message_id: str, event_id: str,
-                      prior_event_id: str | None, content_type: str, body: bytes) -> None:
-        """Store a built message and its id, and put the patient on the outbound queue."""
+    def queue_messages(self, job_id: int, chain_id: int,
+                       messages: list[tuple[str, str, str, str | None, str, bytes]]) -> None:
+        """Store built messages and their ids, and put their patients on the outbound queue, in
+        one transaction: committed before any of them is sent. Each item is (pkey, message id,
+        event id, prior event id, content type, body)."""
+        stamp = now_iso()
         with self.transaction() as db:
-            db.execute(
-                "INSERT INTO messages (message_id, pkey, job_id, event_id, prior_event_id, "
-                "created_at, size, content_type, body, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                "'queued')",
-                (message_id, pkey, job_id, event_id, prior_event_id, now_iso(), len(body),
-                 content_type, zlib.compress(body, 1)))
-            self._move(db, pkey, PatientState.QUEUED, reason=None, message_id=message_id,
-                       chain_id=chain_id)
+            for pkey, message_id, event_id, prior_event_id, content_type, body in messages:
+                db.execute(
+                    "INSERT INTO messages (message_id, pkey, job_id, event_id, prior_event_id, "
+                    "created_at, size, content_type, body, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
+                    "?, 'queued')",
+                    (message_id, pkey, job_id, event_id, prior_event_id, stamp, len(body),
+                     content_type, zlib.compress(body, 1)))
+                self._move(db, pkey, PatientState.QUEUED, reason=None, message_id=message_id,
+                           chain_id=chain_id)
 
     def fail_unsent(self, pkey: str, job_id: int, chain_id: int, message_id: str, event_id: str,
                     size: int, code: str) -> None:
@@ -429,7 +441,7 @@ class Store:
 
     def unsend(self, message_id: str) -> None:
         """A send that could not go ahead (the session ended): back on the queue, same id."""
-        self._message_move(message_id, PatientState.QUEUED, {})
+        self._message_move(message_id, PatientState.QUEUED, {}, defer=False)
 
     def message(self, message_id: str) -> StoredMessage | None:
         row = self.db.execute(
@@ -442,17 +454,30 @@ class Store:
                              row[8])
 
     def _message_move(self, message_id: str, new: PatientState, message_fields: dict,
-                      **patient_fields: object) -> bool:
-        """Move a message and, if it is still the patient's current one, the patient."""
-        with self.transaction() as db:
-            row = db.execute("SELECT pkey FROM messages WHERE message_id = ?",
-                             (message_id,)).fetchone()
-            if row is None:
-                raise StoreError(f"no message {message_id} in {self.path}")
-            sets = ", ".join(f"{k} = ?" for k in message_fields)
-            db.execute(f"UPDATE messages SET state = ?{', ' if sets else ''}{sets} "
-                       "WHERE message_id = ?", (new.value, *message_fields.values(), message_id))
-            return self._move(db, row[0], new, only_if_message=message_id, **patient_fields)
+                      defer: bool = True, **patient_fields: object) -> None:
+        """Move a message and, if it is still the patient's current one, the patient.
+
+        Moves after the message was stored are deferred to the next transaction (at most
+        ``MAX_DEFERRED`` of them, or when the engine flushes, a few times a second): losing them
+        in a crash only means Resume sends the same message id again, and the Spine's duplicate
+        elimination answers with the first outcome."""
+        self._moves.append((message_id, new, message_fields, patient_fields))
+        if not defer or len(self._moves) >= MAX_DEFERRED:
+            self.flush()
+
+    def _apply_move(self, db: sqlite3.Connection, message_id: str, new: PatientState,
+                    message_fields: dict, patient_fields: dict) -> None:
+        row = db.execute("SELECT pkey FROM messages WHERE message_id = ?", (message_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no message {message_id} in {self.path}")
+        sets = "".join(f", {k} = ?" for k in message_fields)
+        db.execute(f"UPDATE messages SET state = ?{sets} WHERE message_id = ?",
+                   (new.value, *message_fields.values(), message_id))
+        self._move(db, row[0], new, only_if_message=message_id, **patient_fields)
+
+    @property
+    def pending(self) -> int:
+        return len(self._moves) + len(self._attempts)
 
     def mark_sending(self, message_id: str) -> None:
         self._message_move(message_id, PatientState.SENDING, {})
@@ -482,17 +507,21 @@ class Store:
         self._attempts.append((message_id, now_iso(), kind, status, detail))
 
     def flush(self) -> None:
-        with self.transaction():
-            pass
+        """Write the deferred moves and attempts now."""
+        if self._moves or self._attempts:
+            with self.transaction():
+                pass
 
     # --- reading --------------------------------------------------------------------------------
 
     def state_counts(self) -> dict[str, int]:
+        self.flush()
         counts = {s.value: 0 for s in PatientState}
         counts.update(dict(self.db.execute("SELECT state, COUNT(*) FROM patients GROUP BY state")))
         return counts
 
     def not_required_by_reason(self) -> dict[str, int]:
+        self.flush()
         found = dict(self.db.execute("SELECT reason, COUNT(*) FROM patients WHERE state = "
                                      "'not_required' GROUP BY reason"))
         ordered = {r: found.pop(r, 0) for r in NOT_REQUIRED_REASONS}
@@ -500,6 +529,7 @@ class Store:
         return ordered
 
     def failed_by_code(self) -> dict[str, int]:
+        self.flush()
         return dict(self.db.execute("SELECT reason, COUNT(*) FROM patients WHERE state = 'failed' "
                                     "GROUP BY reason ORDER BY COUNT(*) DESC, reason"))
 
