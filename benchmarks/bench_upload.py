@@ -43,6 +43,7 @@ from scr_nb.eligibility import Policy, decide
 from scr_nb.engine import Engine, JobOptions
 from scr_nb.extract import load_practice
 from scr_nb.message import Author, OutboundMessage, Windows, build_message, new_id, select_content
+from scr_nb.spine_client import RateLimiter
 from scr_nb.states import Mode
 from scr_nb.store import Store
 from scr_nb.synth import write_practice
@@ -217,26 +218,6 @@ def prebuild(practice_dir: Path, count: int) -> list[OutboundMessage]:
     return messages[:count]
 
 
-class Pacer:
-    """A token bucket like the kit's: at most ``rate`` a second in bursts of max(1, rate / 10)."""
-
-    def __init__(self, rate: float):
-        self.rate, self.capacity = rate, max(1.0, rate / 10)
-        self.tokens, self.stamp = self.capacity, time.monotonic()
-        self.lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        async with self.lock:
-            while True:
-                now = time.monotonic()
-                self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-                self.stamp = now
-                if self.tokens >= 1:
-                    self.tokens -= 1
-                    return
-                await asyncio.sleep((1 - self.tokens) / self.rate)
-
-
 def retry_after(response: aiohttp.ClientResponse, default: float) -> float:
     try:
         return max(0.0, float(response.headers.get("Retry-After", "")) / 1000.0)
@@ -251,7 +232,7 @@ async def raw_load(url: str, token: str, messages: list[OutboundMessage], concur
               "errors": 0}
     base = {"Authorization": f"Bearer {token}", "NHSD-Session-URID": USER["role_profile_id"],
             "NHSD-Identity-UUID": USER["user_id"], "nhsd-asid": ASID}
-    pacer = Pacer(rate) if rate else None
+    pacer = RateLimiter(rate) if rate else None
     pollers: set[asyncio.Task] = set()
     queue = iter(messages)
     deadline = time.monotonic() + timeout

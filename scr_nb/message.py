@@ -178,27 +178,15 @@ _MONTHS = ("", "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "O
 
 
 # A practice's items share a few thousand dates, so each is formatted once.
-_SHOWN: dict[date, str] = {}
-_HL7_DATE: dict[date, str] = {}
-
-
+@lru_cache(maxsize=100_000)
 def _shown(day: date) -> str:
     """A date as the presentation text writes it: 14-May-2020 (not strftime: that follows the locale)."""
-    text = _SHOWN.get(day)
-    if text is None:
-        text = f"{day.day:02d}-{_MONTHS[day.month]}-{day.year:04d}"
-        if len(_SHOWN) < 100_000:
-            _SHOWN[day] = text
-    return text
+    return f"{day.day:02d}-{_MONTHS[day.month]}-{day.year:04d}"
 
 
+@lru_cache(maxsize=100_000)
 def _hl7_date(day: date) -> str:
-    text = _HL7_DATE.get(day)
-    if text is None:
-        text = f"{day.year:04d}{day.month:02d}{day.day:02d}"
-        if len(_HL7_DATE) < 100_000:
-            _HL7_DATE[day] = text
-    return text
+    return f"{day.year:04d}{day.month:02d}{day.day:02d}"
 
 
 def _effective(day: date | None) -> str:
