@@ -21,6 +21,7 @@ from .constants import MAX_MESSAGE_BYTES
 from .eligibility import Decision, Policy, decide, summarise
 from .errors import ExtractError, RefusedError, SessionExpired, SessionRejected, SpineError
 from .extract import load_practice
+from .lock import HEARTBEAT_SECONDS, StoreLock
 from .message import Author, OutboundMessage, Windows, build_message, new_id, select_content
 from .practice_log import PracticeLog
 from .records import Practice
@@ -230,6 +231,22 @@ class Engine:
             self.log.write("refused", mode=options.mode.value, group=options.group,
                            user_id=self.session.user_id, reason=str(err))
             raise
+        self.lock = StoreLock(self.store, self.session.user_id, self.session.name, self.clock.now)
+        try:
+            crashed = self.lock.acquire()
+        except RefusedError as err:
+            self.log.write("refused", mode=options.mode.value, group=options.group,
+                           user_id=self.session.user_id, reason=str(err))
+            raise
+        if crashed is not None:
+            self.log.write("takeover", user_id=self.session.user_id,
+                           previous_holder=crashed.describe())
+        try:
+            return await self._locked(options)
+        finally:
+            self.lock.release()
+
+    async def _locked(self, options: JobOptions) -> JobResult:
         try:
             practice, decisions = self.prepare(options)
         except ExtractError as err:
@@ -470,10 +487,15 @@ class _Run:
         return JobStatus.COMPLETED, None
 
     async def flush_now_and_then(self) -> None:
-        """Write deferred state changes a few times a second, so status readers see progress."""
+        """Write deferred state changes a few times a second, so status readers see progress,
+        and keep the store's lock alive."""
+        beat = self.clock.monotonic()
         while True:
             await asyncio.sleep(FLUSH_SECONDS)
             self.store.flush()
+            if self.clock.monotonic() - beat >= HEARTBEAT_SECONDS:
+                beat = self.clock.monotonic()
+                self.engine.lock.beat()
 
     async def supervise(self, producer: asyncio.Task, senders: list[asyncio.Task],
                         queue: asyncio.Queue) -> None:

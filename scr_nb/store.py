@@ -97,6 +97,16 @@ CREATE TABLE IF NOT EXISTS groups (
     source TEXT NOT NULL,
     PRIMARY KEY (group_name, patient_id)
 );
+CREATE TABLE IF NOT EXISTS job_lock (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    user_id TEXT NOT NULL,
+    user_name TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    since TEXT NOT NULL,
+    heartbeat REAL NOT NULL,
+    token TEXT NOT NULL
+);
 """
 
 
@@ -533,6 +543,12 @@ class Store:
         return dict(self.db.execute("SELECT reason, COUNT(*) FROM patients WHERE state = 'failed' "
                                     "GROUP BY reason ORDER BY COUNT(*) DESC, reason"))
 
+    def lock_holder(self) -> dict | None:
+        """Who holds the store's job lock (user, host, pid, since), if anyone."""
+        cur = self.db.execute("SELECT user_id, user_name, host, pid, since FROM job_lock")
+        row = cur.fetchone()
+        return dict(zip([c[0] for c in cur.description], row)) if row else None
+
     def status(self) -> dict:
         """The ``scr-nb status --json`` object (SPEC 10)."""
         states = self.state_counts()
@@ -545,6 +561,7 @@ class Store:
             "failed_by_code": self.failed_by_code(),
             "transmitted_not_acknowledged": states.get("transmitted", 0),
             "latest_job": latest.to_json() if latest else None,
+            "running": self.lock_holder(),
             "groups": self.group_names(),
         }
 

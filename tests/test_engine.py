@@ -337,3 +337,36 @@ def test_patients_gone_from_the_extract_get_a_reason(tmp_path, spine, admin_sess
     assert st["not_required_by_reason"]["not_in_extract"] > 0
     assert len(held(spine)) == st["counters"]["sent"]
     assert st["counters"]["failed"] == 0
+
+
+def test_a_second_job_on_the_same_store_is_refused_naming_the_holder(tmp_path, spine,
+                                                                      admin_session, practice):
+    from scr_nb.lock import StoreLock
+
+    store = Store(tmp_path / "practice.sqlite")
+    holder = StoreLock(store, "555000000009", "Pat Other", lambda: datetime.now(timezone.utc))
+    holder.acquire()
+    try:
+        with pytest.raises(RefusedError) as caught:
+            job(tmp_path, admin_session, spine, practice, "run")
+        message = str(caught.value)
+        assert "Pat Other" in message and "process" in message and "since" in message
+        assert spine.simulator.stats()["requests"] == 0
+        assert status(tmp_path)["running"]["user_name"] == "Pat Other"
+    finally:
+        holder.release()
+        store.close()
+    assert job(tmp_path, admin_session, spine, practice, "run").completed
+    assert status(tmp_path)["running"] is None
+
+
+def test_a_lapsed_holder_is_taken_over(tmp_path, spine, admin_session, practice):
+    from scr_nb.lock import LAPSE_SECONDS, StoreLock
+
+    store = Store(tmp_path / "practice.sqlite")
+    long_ago = datetime.now(timezone.utc) - timedelta(seconds=LAPSE_SECONDS + 5)
+    StoreLock(store, "555000000009", "Pat Other", lambda: long_ago).acquire()
+    store.close()
+    assert job(tmp_path, admin_session, spine, practice, "run").completed
+    events = [e["event"] for e in PracticeLog(tmp_path / "practice.sqlite").read()]
+    assert events[0] == "takeover"
