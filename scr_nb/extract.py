@@ -13,6 +13,7 @@ import io
 import re
 from collections.abc import Iterator
 from datetime import date
+from functools import lru_cache
 from pathlib import Path
 
 from .constants import CONSENT_CODES
@@ -82,6 +83,7 @@ class _Row:
         return False
 
 
+@lru_cache(maxsize=65536)   # an extract repeats a few thousand dates over millions of rows
 def parse_date(raw: str) -> date | None:
     if not _ISO_DATE.match(raw):
         return None
