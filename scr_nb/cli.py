@@ -20,6 +20,7 @@ from . import session as sessions
 from .constants import explain
 from .engine import Engine, JobControl, JobOptions, Progress
 from .errors import ExtractError, RefusedError, ScrNbError
+from .schedule import Schedule, parse_local
 from .states import Mode
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 3, 4
@@ -121,8 +122,15 @@ class _Bar:
     def __init__(self, enabled: bool):
         self.bar = None
         self.enabled = enabled
+        self.warned: list[str] = []
 
     def __call__(self, p: Progress) -> None:
+        for warning in p.warnings[len(self.warned):]:
+            self.warned.append(warning)
+            if self.bar is not None:
+                self.bar.write(f"Warning: {warning}", file=sys.stderr)
+            else:
+                print(f"Warning: {warning}", file=sys.stderr)
         if not self.enabled:
             return
         if self.bar is None:
@@ -133,10 +141,18 @@ class _Bar:
         self.bar.total = p.to_send
         self.bar.n = p.done
         avg = p.average_seconds_per_patient
+        state = "waiting for the start time; " if p.waiting else (
+            "paused until the resume time; " if p.paused else "")
+        schedule = ", ".join(f"{k.replace('_at', '')} {v[11:16]}"
+                             for k, v in p.schedule.items() if v)
+        left = p.session_seconds_left
         self.bar.set_postfix_str(
-            f"checked {p.checked}/{p.patients_in_scope} queued {p.queued} transmitted "
+            f"{state}checked {p.checked}/{p.patients_in_scope} queued {p.queued} transmitted "
             f"{p.transmitted} ack {p.acknowledged} failed {p.failed}"
-            + (f" avg {avg:.3f}s/patient" if avg else ""), refresh=False)
+            + (f" avg {avg:.3f}s/patient" if avg else "")
+            + (f" ETA {p.eta_seconds / 60:.0f} min" if p.eta_seconds else "")
+            + (f" | {schedule}" if schedule else "")
+            + (f" | card {left / 3600:.1f} h left" if left is not None else ""), refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:
@@ -174,12 +190,6 @@ def cmd_upload(args: argparse.Namespace) -> int:
     """
     from .store import Store
 
-    for name in ("start_at", "stop_at", "pause_at", "resume_at"):
-        if getattr(args, name):
-            print(f"scr-nb upload: --{name.replace('_', '-')}: scheduled start, stop, pause and "
-                  "resume times are not available in this version; nothing was sent.",
-                  file=sys.stderr)
-            return EXIT_USAGE
     if args.skip_acknowledged and args.mode != "rerun":
         print("scr-nb upload: --skip-acknowledged only applies to rerun", file=sys.stderr)
         return EXIT_USAGE
@@ -191,7 +201,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     options = JobOptions(mode=Mode(args.mode), group=args.group, concurrency=args.concurrency,
                          rate_limit=args.rate_limit, ack_timeout=args.ack_timeout,
                          dissent=args.dissent, skip_acknowledged=args.skip_acknowledged,
-                         sender_asid=args.asid, practice_ods=args.ods)
+                         sender_asid=args.asid, practice_ods=args.ods, schedule=args.schedule)
     store = Store(args.store)
     control = JobControl()
     bar = _Bar(enabled=not args.quiet)
@@ -360,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--rate-limit must be above 0 messages a second (leave it out for none)")
         if args.ack_timeout <= 0:
             parser.error("--ack-timeout must be above 0 seconds")
+        try:
+            args.schedule = Schedule(**{
+                name: parse_local(getattr(args, name), f"--{name.replace('_', '-')}")
+                for name in ("start_at", "stop_at", "pause_at", "resume_at")
+                if getattr(args, name)})
+        except ValueError as err:
+            parser.error(str(err))
     try:
         return args.func(args)
     except ScrNbError as err:

@@ -25,6 +25,7 @@ from .lock import HEARTBEAT_SECONDS, StoreLock
 from .message import Author, OutboundMessage, Windows, build_message, new_id, select_content
 from .practice_log import PracticeLog
 from .records import Practice
+from .schedule import Schedule
 from .session import Session
 from .spine_client import Attempt, RateLimiter, SpineClient
 from .states import RESUMABLE, JobStatus, Mode, PatientState, StopReason, counters
@@ -36,6 +37,12 @@ from .store import Job, Store
 # uncertain, since a timed-out POST may have been taken), and rebuilds every other failure.
 UNCERTAIN_FAILURES = frozenset({"ack_timeout", "retries_exhausted"})
 FLUSH_SECONDS = 0.25
+WATCH_SECONDS = 0.1       # how often the schedule and the session are checked against the clock
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
 @dataclass(frozen=True)
@@ -53,10 +60,12 @@ class JobOptions:
     receiver_asid: str = "990101234567"
     practice_ods: str = "A12345"
     practice_name: str = "scr-nb demonstration practice"
+    schedule: Schedule = Schedule()
 
     def settings(self) -> dict:
         data = asdict(self)
         data["mode"] = self.mode.value
+        data["schedule"] = self.schedule.to_json()
         return data
 
 
@@ -79,6 +88,11 @@ class Progress:
     failed_by_code: dict[str, int] = field(default_factory=dict)
     elapsed: float = 0.0
     session_expires_at: str | None = None
+    session_seconds_left: float | None = None
+    schedule: dict = field(default_factory=dict)
+    waiting: bool = False            # before the scheduled start
+    paused: bool = False             # inside a scheduled pause
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def done(self) -> int:
@@ -248,6 +262,12 @@ class Engine:
 
     async def _locked(self, options: JobOptions) -> JobResult:
         try:
+            options.schedule.check(self.clock.now())
+        except RefusedError as err:
+            self.log.write("refused", mode=options.mode.value, group=options.group,
+                           user_id=self.session.user_id, reason=str(err))
+            raise
+        try:
             practice, decisions = self.prepare(options)
         except ExtractError as err:
             self.log.write("refused", mode=options.mode.value, group=options.group,
@@ -260,7 +280,8 @@ class Engine:
         in_scope, eligible = self.store.scope_size(group)
         progress = Progress(job_id=job.id, mode=job.mode, group=group,
                             patients_in_scope=in_scope, checked=in_scope, eligible=eligible,
-                            session_expires_at=self.session.expires_at.isoformat())
+                            session_expires_at=self.session.expires_at.isoformat(),
+                            schedule=options.schedule.to_json())
         self.log.write("job_start", job_id=job.id, mode=job.mode, chain_mode=chain_mode,
                        group=group, user_id=self.session.user_id, user_name=self.session.name,
                        resumes=chain_id if chain_id != job.id else None,
@@ -268,6 +289,9 @@ class Engine:
                                  if k in ("concurrency", "rate_limit", "ack_timeout", "dissent",
                                           "skip_acknowledged")},
                        not_required_by_reason=self.dry_run["not_required_by_reason"])
+        if not options.schedule.empty:
+            self.log.write("schedule", job_id=job.id, user_id=self.session.user_id,
+                           **options.schedule.to_json())
         run = _Run(self, options, job, chain_mode, practice, decisions, progress)
         try:
             status, reason = await run.execute()
@@ -307,6 +331,9 @@ class _Run:
         self.trackers: set[asyncio.Task] = set()
         self.tracker_errors: list[BaseException] = []
         self.last_report = 0.0
+        self.gate = asyncio.Event()      # open: sending may go on (closed before the start and
+        self.gate.set()                  # inside a scheduled pause)
+        self.paused = self.resumed = False
 
     # --- bookkeeping --------------------------------------------------------------------------
 
@@ -459,6 +486,12 @@ class _Run:
             on_attempt=self.record_attempt)
         self.client = client
         queue: asyncio.Queue = asyncio.Queue(maxsize=self.options.concurrency * 2)
+        self.warn_if_too_slow(len(plan))
+        schedule = self.options.schedule
+        if schedule.start_at is not None and self.clock.now() < schedule.start_at:
+            self.gate.clear()
+            self.progress.waiting = True
+        watcher = asyncio.create_task(self.watch())
         producer = asyncio.create_task(self.produce(plan, queue))
         flusher = asyncio.create_task(self.flush_now_and_then())
         senders = [asyncio.create_task(self.send_loop(queue))
@@ -471,7 +504,7 @@ class _Run:
             if self.tracker_errors:
                 raise self.tracker_errors[0]
         finally:
-            for task in [producer, flusher, *senders, *self.trackers]:
+            for task in [producer, flusher, watcher, *senders, *self.trackers]:
                 task.cancel()
             await client.aclose()
             self.store.flush()
@@ -479,12 +512,95 @@ class _Run:
         if self.stop_reason is not None:
             return self.stop_status, self.stop_reason
         if self.control.stopping:
+            if self.paused:   # a Stop inside a scheduled pause cancels the pending resume
+                self.stopped(JobStatus.STOPPED, StopReason.RESUME_CANCELLED)
+                return self.stop_status, self.stop_reason
             return self.control.requested, self.control.reason
         left = self.store.in_flight(self.job.group)
         if left:
             raise RuntimeError(f"{len(left)} patients are still in flight at the end of job "
                                f"{self.job.id}; Resume finishes them")
         return JobStatus.COMPLETED, None
+
+    def warn_if_too_slow(self, messages: int) -> None:
+        """Before sending: say so when, at the configured rate, the job cannot finish before the
+        stop time or the end of the Smartcard session."""
+        rate = self.options.rate_limit
+        if not rate or not messages:
+            return
+        start = max(self.options.schedule.start_at or self.clock.now(), self.clock.now())
+        needed = messages / rate
+        ends = [("the stop time", self.options.schedule.stop_at),
+                ("the Smartcard session's expiry", self.engine.session.expires_at)]
+        for what, end in ends:
+            if end is None:
+                continue
+            available = (end - start).total_seconds()
+            if needed > available:
+                text = (f"at {rate:g} messages a second, {messages} messages need about "
+                        f"{_duration(needed)}, but {what} ({end.isoformat(timespec='minutes')}) "
+                        f"leaves {_duration(max(0.0, available))}: the job will stop before it "
+                        "completes; Resume continues it")
+                self.progress.warnings.append(text)
+                self.engine.log.write("warning", job_id=self.job.id,
+                                      user_id=self.engine.session.user_id, warning=text)
+
+    def stopped(self, status: JobStatus, reason: StopReason) -> None:
+        """Stop sending for a reason of the job's own (schedule, session); acks are still tracked."""
+        if self.stop_reason is None:
+            self.stop_status, self.stop_reason = status, reason
+            self.engine.log.write("stop", job_id=self.job.id,
+                                  user_id=self.engine.session.user_id, reason=reason.value)
+        self.gate.set()   # let waiting senders see the stop
+
+    async def watch(self) -> None:
+        """The schedule and the session, checked a few times a second against the clock."""
+        schedule, session = self.options.schedule, self.engine.session
+        while True:
+            now = self.clock.now()
+            self.progress.session_seconds_left = max(0.0, session.seconds_left(now))
+            if self.stop_reason is not None:
+                return
+            if self.paused:
+                if self.control.stopping or session.expired(now):
+                    self.stopped(JobStatus.STOPPED, StopReason.RESUME_CANCELLED)
+                    return
+                if now >= schedule.resume_at:
+                    self.paused, self.resumed = False, True
+                    self.progress.paused = False
+                    self.store.mark_job(self.job.id, JobStatus.RUNNING, None)
+                    self.engine.log.write("resume", job_id=self.job.id,
+                                          user_id=session.user_id, reason="resume_time")
+                    self.gate.set()
+                    self.report(force=True)
+            elif session.expired(now):
+                self.session_lost(SessionExpired(f"the Smartcard session ended at "
+                                                 f"{session.expires_at.isoformat()}"))
+                self.gate.set()
+                return
+            elif schedule.stop_at is not None and now >= schedule.stop_at:
+                self.stopped(JobStatus.STOPPED, StopReason.STOP_TIME)
+                return
+            elif self.progress.waiting:
+                if self.control.stopping:
+                    self.gate.set()
+                elif now >= schedule.start_at:
+                    self.progress.waiting = False
+                    self.engine.log.write("start", job_id=self.job.id, user_id=session.user_id,
+                                          reason="start_time")
+                    self.gate.set()
+            elif (schedule.pause_at is not None and not self.resumed
+                  and now >= schedule.pause_at and now < schedule.resume_at):
+                self.paused = self.progress.paused = True
+                self.gate.clear()
+                self.store.mark_job(self.job.id, JobStatus.PAUSED, StopReason.PAUSE_TIME.value)
+                self.engine.log.write("pause", job_id=self.job.id, user_id=session.user_id,
+                                      reason="pause_time", resume_at=schedule.resume_at.isoformat())
+                self.report(force=True)
+            elif self.control.stopping:
+                self.gate.set()
+            self.report()
+            await asyncio.sleep(WATCH_SECONDS)
 
     async def flush_now_and_then(self) -> None:
         """Write deferred state changes a few times a second, so status readers see progress,
@@ -519,6 +635,7 @@ class _Run:
         """Build ahead of the senders, a batch at a time (the outbound queue is bounded)."""
         batch = max(1, min(64, self.options.concurrency * 2))
         for start in range(0, len(plan), batch):
+            await self.gate.wait()
             if self.halted:
                 return
             for work in self.build_batch(plan[start:start + batch]):
@@ -534,6 +651,7 @@ class _Run:
             work = await queue.get()
             if work is None:
                 return
+            await self.gate.wait()
             if self.halted:
                 continue   # stays queued, with its id: Resume sends it
             message = work.message

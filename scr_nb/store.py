@@ -339,6 +339,13 @@ class Store:
                        "WHERE id = ?", (status.value, reason, ended, json.dumps(totals), job_id))
         return self.job(job_id)
 
+    def mark_job(self, job_id: int, status: JobStatus, reason: str | None) -> None:
+        """A change of a running job's status that does not end it (a scheduled pause)."""
+        check_job_transition(self.job(job_id).status, status)
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET status = ?, reason = ? WHERE id = ?",
+                       (status.value, reason, job_id))
+
     # --- work selection -------------------------------------------------------------------------
 
     def in_flight(self, group: str | None) -> list[tuple[str, str]]:

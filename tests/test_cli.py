@@ -138,3 +138,22 @@ def test_ctrl_c_stops_and_closes_with_exit_4_and_resume_finishes(practice, tmp_p
     held = {s["nhs_number"] for s in spine.simulator.summaries()}
     assert len(held) == final["counters"]["sent"]
     assert spine.simulator.stats()["rejected_by_code"] == {}
+
+
+def test_schedule_options_are_checked_and_recorded(practice, tmp_path, spine, logged_in, capsys):
+    bad = upload_args("run", practice, tmp_path, spine, logged_in, "--start-at", "soon")
+    with pytest.raises(SystemExit) as caught:
+        cli.main(bad)
+    assert caught.value.code == 2 and "--start-at" in capsys.readouterr().err
+    code = cli.main(upload_args("run", practice, tmp_path, spine, logged_in,
+                                "--pause-at", "2030-01-01T20:00"))
+    assert code == 3 and "resume time" in capsys.readouterr().err
+    assert spine.simulator.stats()["requests"] == 0
+    code = cli.main(upload_args("run", practice, tmp_path, spine, logged_in,
+                                "--stop-at", "2099-01-01T20:00", "--rate-limit", "1000"))
+    assert code == 0
+    capsys.readouterr()
+    assert cli.main(["log", "--store", str(tmp_path / "s.sqlite"), "--json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    schedule = next(e for e in events if e["event"] == "schedule")
+    assert schedule["stop_at"].startswith("2099-01-01T20:00")
