@@ -41,6 +41,8 @@ WATCH_SECONDS = 0.1       # how often the schedule and the session are checked a
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
     minutes = round(seconds / 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
@@ -334,6 +336,7 @@ class _Run:
         self.gate = asyncio.Event()      # open: sending may go on (closed before the start and
         self.gate.set()                  # inside a scheduled pause)
         self.paused = self.resumed = False
+        self.control_logged = False
 
     # --- bookkeeping --------------------------------------------------------------------------
 
@@ -599,6 +602,12 @@ class _Run:
                 self.report(force=True)
             elif self.control.stopping:
                 self.gate.set()
+            if self.control.stopping and not self.control_logged:
+                self.control_logged = True
+                self.engine.log.write("cancel" if self.control.requested == JobStatus.CANCELLED
+                                      else "stop", job_id=self.job.id, user_id=session.user_id,
+                                      reason=self.control.reason.value,
+                                      becomes=self.control.requested.value)
             self.report()
             await asyncio.sleep(WATCH_SECONDS)
 

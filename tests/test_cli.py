@@ -157,3 +157,31 @@ def test_schedule_options_are_checked_and_recorded(practice, tmp_path, spine, lo
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     schedule = next(e for e in events if e["event"] == "schedule")
     assert schedule["stop_at"].startswith("2099-01-01T20:00")
+
+
+def test_a_second_upload_is_refused_while_the_first_runs(practice, tmp_path, spine_factory,
+                                                         monkeypatch, capsys):
+    spine = spine_factory(rate_limit_tps=40, rate_limit_burst=1)
+    monkeypatch.setenv("SCR_NB_PASSCODE", ADMIN["passcode"])
+    session = tmp_path / "session.json"
+    assert cli.main(["login", "--identity", spine.url, "--user", ADMIN["user_id"],
+                     "--session", str(session)]) == 0
+    command = [sys.executable, "-m", "scr_nb.cli",
+               *upload_args("run", practice, tmp_path, spine, session, "--rate-limit", "40")]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while spine.simulator.stats()["accepted"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        capsys.readouterr()
+        assert cli.main(upload_args("resume", practice, tmp_path, spine, session)) == 3
+        err = capsys.readouterr().err
+        assert ADMIN["name"] in err and f"process {first.pid}" in err and "since" in err
+        assert cli.main(["status", "--store", str(tmp_path / "s.sqlite"), "--json"]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert status["latest_job"]["status"] == "running"
+        assert status["running"]["pid"] == first.pid
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert first.returncode == 4

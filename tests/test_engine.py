@@ -370,3 +370,20 @@ def test_a_lapsed_holder_is_taken_over(tmp_path, spine, admin_session, practice)
     assert job(tmp_path, admin_session, spine, practice, "run").completed
     events = [e["event"] for e in PracticeLog(tmp_path / "practice.sqlite").read()]
     assert events[0] == "takeover"
+
+
+def test_cancel_leaves_the_upload_partially_completed_for_resume(tmp_path, spine, admin_session,
+                                                                 practice, today):
+    control = JobControl()
+    first = job(tmp_path, admin_session, spine, practice, "run", control=control, concurrency=2,
+                on_progress=lambda p: control.cancel() if p.acknowledged >= 10 else None)
+    assert first.job.status == "cancelled" and first.job.reason == "user_cancel"
+    assert status(tmp_path)["states"]["sending"] == 0
+    with pytest.raises(RefusedError) as caught:
+        job(tmp_path, admin_session, spine, practice, "run")
+    assert caught.value.use_mode == "resume"
+    assert job(tmp_path, admin_session, spine, practice, "resume").completed
+    assert set(held(spine)) == eligible_numbers(practice, today)
+    log = [e for e in PracticeLog(tmp_path / "practice.sqlite").read()]
+    cancel = next(e for e in log if e["event"] == "cancel")
+    assert cancel["reason"] == "user_cancel" and cancel["user_id"] == admin_session.user_id
