@@ -18,12 +18,12 @@ from pathlib import Path
 
 from . import session as sessions
 from .constants import explain
-from .engine import Engine, JobControl, JobOptions, Progress
+from .engine import JobControl, JobOptions, Progress
 from .errors import ExtractError, RefusedError, ScrNbError
+from .runner import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_STOPPED, EXIT_USAGE, run_upload
 from .schedule import Schedule, parse_local
 from .states import Mode
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 3, 4
 
 
 def _print_json(data: object) -> None:
@@ -188,24 +188,15 @@ def cmd_upload(args: argparse.Namespace) -> int:
     Example: scr-nb upload run --practice practice/ --store practice.sqlite \\
                  --spine http://127.0.0.1:8900 --session session.json
     """
-    from .store import Store
-
     if args.skip_acknowledged and args.mode != "rerun":
         print("scr-nb upload: --skip-acknowledged only applies to rerun", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        session = sessions.load(args.session)
-    except RefusedError as err:
-        print(f"scr-nb upload: refused: {err}", file=sys.stderr)
-        return EXIT_REFUSED
     options = JobOptions(mode=Mode(args.mode), group=args.group, concurrency=args.concurrency,
                          rate_limit=args.rate_limit, ack_timeout=args.ack_timeout,
                          dissent=args.dissent, skip_acknowledged=args.skip_acknowledged,
                          sender_asid=args.asid, practice_ods=args.ods, schedule=args.schedule)
-    store = Store(args.store)
     control = JobControl()
     bar = _Bar(enabled=not args.quiet)
-    engine = Engine(store, session, args.spine, args.practice, on_progress=bar, control=control)
     interrupts = {"n": 0}
 
     def on_signal(signum: int, frame: object) -> None:
@@ -221,27 +212,18 @@ def cmd_upload(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
     try:
-        result = engine.run(options)
-    except (RefusedError, ExtractError) as err:
-        bar.close()
-        use = getattr(err, "use_mode", None)
-        print(f"scr-nb upload {args.mode}: refused: {err}", file=sys.stderr)
-        if use:
-            modes = " or ".join(f"scr-nb upload {m} ..." for m in use.split(" or "))
-            print(f"Next: {modes}", file=sys.stderr)
-        return EXIT_REFUSED
+        outcome = run_upload(args.practice, args.store, args.spine, args.session, options,
+                             on_progress=bar, control=control)
     finally:
-        store.close()
-    bar.close()
-    if args.json:
-        _print_json({"job": result.job.to_json(), "statistics": result.statistics})
-    else:
-        print(format_statistics(result.statistics))
-    if result.completed:
-        return EXIT_OK
-    print(f"The job is {result.job.status} ({result.job.reason}); continue it with: "
-          f"scr-nb upload resume ...", file=sys.stderr)
-    return EXIT_STOPPED
+        bar.close()
+    if outcome.statistics is not None:
+        if args.json:
+            _print_json({"job": outcome.job, "statistics": outcome.statistics})
+        else:
+            print(format_statistics(outcome.statistics))
+    if outcome.exit_code != EXIT_OK:
+        print(f"scr-nb {outcome.message}", file=sys.stderr)
+    return outcome.exit_code
 
 
 # --- status and log ---------------------------------------------------------------------------------

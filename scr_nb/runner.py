@@ -1,0 +1,66 @@
+"""One upload job from start to outcome, as the CLI, the scheduled notebook and the control panel
+run it: the exit code and the plain words for what happened and what to do next (SPEC 10)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import session as sessions
+from .engine import Engine, JobControl, JobOptions, Progress
+from .errors import ExtractError, RefusedError
+from .store import Store
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class Outcome:
+    exit_code: int
+    message: str                  # what happened and which mode to use next
+    job: dict | None = None       # the job as `status --json` shows it
+    statistics: dict | None = None
+
+    @property
+    def refused(self) -> bool:
+        return self.exit_code == EXIT_REFUSED
+
+    def to_json(self) -> dict:
+        return {"exit_code": self.exit_code, "message": self.message, "job": self.job,
+                "statistics": self.statistics}
+
+
+def next_modes(use_mode: str | None) -> str:
+    if not use_mode:
+        return ""
+    return " Next: " + " or ".join(f"scr-nb upload {m} ..." for m in use_mode.split(" or "))
+
+
+def run_upload(practice: str | Path, store_path: str | Path, spine: str,
+               session_path: str | Path, options: JobOptions, *,
+               on_progress: Callable[[Progress], None] | None = None,
+               control: JobControl | None = None) -> Outcome:
+    """Run one job; refusals and stops come back as an Outcome, never as an exception."""
+    mode = options.mode.value
+    try:
+        session = sessions.load(session_path)
+    except RefusedError as err:
+        return Outcome(EXIT_REFUSED, f"upload {mode} refused: {err}")
+    store = Store(store_path)
+    try:
+        engine = Engine(store, session, spine, practice, on_progress=on_progress,
+                        control=control)
+        result = engine.run(options)
+    except (RefusedError, ExtractError) as err:
+        return Outcome(EXIT_REFUSED, f"upload {mode} refused: {err}"
+                       + next_modes(getattr(err, "use_mode", None)))
+    finally:
+        store.close()
+    job = result.job.to_json()
+    if result.completed:
+        return Outcome(EXIT_OK, f"upload {mode} completed: every patient in scope is "
+                                "acknowledged or failed.", job, result.statistics)
+    return Outcome(EXIT_STOPPED, f"upload {mode} {result.job.status} ({result.job.reason}); "
+                                 "continue it with: scr-nb upload resume ...", job,
+                   result.statistics)
