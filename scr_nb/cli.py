@@ -17,10 +17,11 @@ from datetime import date
 from pathlib import Path
 
 from . import session as sessions
-from .constants import explain
 from .engine import JobControl, JobOptions, Progress
 from .errors import ExtractError, RefusedError, ScrNbError
-from .runner import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_STOPPED, EXIT_USAGE, run_upload
+from .runner import (
+    EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_STOPPED, EXIT_USAGE, format_statistics, run_upload,
+)
 from .schedule import Schedule, parse_local
 from .states import Mode
 
@@ -160,28 +161,6 @@ class _Bar:
             self.bar.close()
 
 
-def format_statistics(stats: dict) -> str:
-    """Completion statistics for people (SPEC 8)."""
-    c = stats["counters"]
-    lines = [
-        f"Job {stats['job_id']} ({stats['mode']}, {stats['group'] or 'whole list'})",
-        f"  Qualifying patients: {stats['qualifying_patients']} of {stats['patients_in_scope']}",
-        f"  Unprocessed: {c['unprocessed']}  Sending: {c['sending']}  Sent: {c['sent']}  "
-        f"Failed: {c['failed']}  Not Required: {c['not_required']}",
-        f"  Transmitted, waiting for ack: {stats['states'].get('transmitted', 0)}",
-    ]
-    not_required = {k: v for k, v in stats["not_required_by_reason"].items() if v}
-    if not_required:
-        lines.append("  Not required by reason: " + ", ".join(f"{k} {v}" for k, v in not_required.items()))
-    for code, n in stats["failed_by_code"].items():
-        lines.append(f"  Failed {code}: {n} ({explain(code)})")
-    avg = stats["average_seconds_per_patient"]
-    lines.append(f"  Elapsed: {stats['elapsed_seconds']:.1f} s, "
-                 f"{stats['rate_per_second']:.1f} messages/s"
-                 + (f", {avg:.4f} s per patient" if avg else ""))
-    return "\n".join(lines)
-
-
 def cmd_upload(args: argparse.Namespace) -> int:
     """Run one upload job in the foreground with a progress bar.
 
@@ -224,6 +203,33 @@ def cmd_upload(args: argparse.Namespace) -> int:
     if outcome.exit_code != EXIT_OK:
         print(f"scr-nb {outcome.message}", file=sys.stderr)
     return outcome.exit_code
+
+
+def cmd_scheduled(args: argparse.Namespace) -> int:
+    """Run notebooks/scheduled_upload.ipynb with papermill, headlessly, and file its report.
+
+    Writes the executed notebook and its HTML export under REPORT_DIR/<store name>/<UTC time>/ and
+    exits with the job's exit code (0 completed, 3 refused, 4 stopped, 1 error). For cron:
+    Example: scr-nb scheduled --practice practice/ --store practice.sqlite \\
+                 --spine http://127.0.0.1:8900 --session session.json --mode run --stop-at 2026-11-23T07:00
+    """
+    from .scheduled import run_scheduled
+
+    absolute = lambda path: str(Path(path).resolve())  # noqa: E731 - the kernel's cwd may differ
+    parameters = {
+        "practice": absolute(args.practice), "store": absolute(args.store), "spine": args.spine,
+        "session": absolute(args.session), "mode": args.mode, "group": args.group,
+        "start_at": args.start_at, "stop_at": args.stop_at, "pause_at": args.pause_at,
+        "resume_at": args.resume_at, "rate_limit": args.rate_limit,
+        "concurrency": args.concurrency, "ack_timeout": args.ack_timeout,
+        "dissent": args.dissent, "skip_acknowledged": args.skip_acknowledged,
+    }
+    code, folder = run_scheduled(parameters, args.report_dir)
+    outcome = folder / "outcome.json"
+    if outcome.exists():
+        print(json.loads(outcome.read_text())["message"])
+    print(f"Report: {folder / 'scheduled_upload.html'}\nNotebook: {folder / 'scheduled_upload.ipynb'}")
+    return code
 
 
 # --- status and log ---------------------------------------------------------------------------------
@@ -305,6 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     dissent = dict(choices=("exclude", "blank"), default="exclude",
                    help="patients who dissent: leave out (default) or send a blank summary")
+
+    def add_job_options(p: argparse.ArgumentParser) -> None:
+        """The options of one job, shared by upload and scheduled."""
+        p.add_argument("--group", help="Patient Group to upload instead of the whole list")
+        for name in ("--start-at", "--stop-at", "--pause-at", "--resume-at"):
+            p.add_argument(name, help="ISO 8601 local date-time, e.g. 2026-11-23T19:00")
+        p.add_argument("--rate-limit", type=float, help="messages per second at most")
+        p.add_argument("--concurrency", type=int, default=8, help="messages in transit at once")
+        p.add_argument("--ack-timeout", type=float, default=600.0,
+                       help="seconds to wait for an ack")
+        p.add_argument("--dissent", **dissent)
+        p.add_argument("--skip-acknowledged", action="store_true",
+                       help="rerun: only patients without an acknowledged summary")
     practice = dict(required=True, help="directory of the practice extract CSV files")
 
     p = command("eligibility", cmd_eligibility, "dry run: eligibility counts")
@@ -318,19 +337,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="the practice's store (SQLite file)")
     p.add_argument("--spine", required=True, help="Spine base URL")
     p.add_argument("--session", required=True, help="session file from scr-nb login")
-    p.add_argument("--group", help="Patient Group to upload instead of the whole list")
-    for name in ("--start-at", "--stop-at", "--pause-at", "--resume-at"):
-        p.add_argument(name, help="ISO 8601 local date-time")
-    p.add_argument("--rate-limit", type=float, help="messages per second at most")
-    p.add_argument("--concurrency", type=int, default=8, help="messages in transit at once")
-    p.add_argument("--ack-timeout", type=float, default=600.0, help="seconds to wait for an ack")
-    p.add_argument("--dissent", **dissent)
-    p.add_argument("--skip-acknowledged", action="store_true",
-                   help="rerun: only patients without an acknowledged summary")
+    add_job_options(p)
     p.add_argument("--asid", default="200000000001", help="the practice system's ASID")
     p.add_argument("--ods", default="A12345", help="the practice's ODS code")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = command("scheduled", cmd_scheduled, "run the scheduled-upload notebook with papermill")
+    p.add_argument("--practice", **practice)
+    p.add_argument("--store", required=True, help="the practice's store (SQLite file)")
+    p.add_argument("--spine", required=True, help="Spine base URL")
+    p.add_argument("--session", required=True, help="session file from scr-nb login")
+    p.add_argument("--mode", required=True, choices=[m.value for m in Mode])
+    p.add_argument("--report-dir", default="reports", help="where reports go (default reports/)")
+    add_job_options(p)
 
     p = command("status", cmd_status, "state of a store")
     p.add_argument("--store", required=True)
@@ -345,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "upload":
+    if args.command in ("upload", "scheduled"):
         if args.concurrency < 1:
             parser.error("--concurrency must be at least 1")
         if args.rate_limit is not None and args.rate_limit <= 0:

@@ -11,6 +11,7 @@ Flow of one patient: build -> store (queued, id committed) -> POST with retries 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -238,7 +239,26 @@ class Engine:
     # --- running --------------------------------------------------------------------------------
 
     def run(self, options: JobOptions) -> JobResult:
-        return asyncio.run(self.run_async(options))
+        """Run one job to its end. Inside a running event loop (a Jupyter kernel) the job gets a
+        thread of its own, and this call waits for it."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.run_async(options))
+        outcome: dict[str, object] = {}
+
+        def job() -> None:
+            try:
+                outcome["result"] = asyncio.run(self.run_async(options))
+            except BaseException as err:  # handed to the caller's thread below
+                outcome["error"] = err
+
+        worker = threading.Thread(target=job, name="scr-nb-job")
+        worker.start()
+        worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
 
     async def run_async(self, options: JobOptions) -> JobResult:
         try:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import session as sessions
+from .constants import explain
 from .engine import Engine, JobControl, JobOptions, Progress
 from .errors import ExtractError, RefusedError
 from .store import Store
@@ -64,3 +65,25 @@ def run_upload(practice: str | Path, store_path: str | Path, spine: str,
     return Outcome(EXIT_STOPPED, f"upload {mode} {result.job.status} ({result.job.reason}); "
                                  "continue it with: scr-nb upload resume ...", job,
                    result.statistics)
+
+
+def format_statistics(stats: dict) -> str:
+    """Completion statistics for people (SPEC 8)."""
+    c = stats["counters"]
+    lines = [
+        f"Job {stats['job_id']} ({stats['mode']}, {stats['group'] or 'whole list'})",
+        f"  Qualifying patients: {stats['qualifying_patients']} of {stats['patients_in_scope']}",
+        f"  Unprocessed: {c['unprocessed']}  Sending: {c['sending']}  Sent: {c['sent']}  "
+        f"Failed: {c['failed']}  Not Required: {c['not_required']}",
+        f"  Transmitted, waiting for ack: {stats['states'].get('transmitted', 0)}",
+    ]
+    not_required = {k: v for k, v in stats["not_required_by_reason"].items() if v}
+    if not_required:
+        lines.append("  Not required by reason: " + ", ".join(f"{k} {v}" for k, v in not_required.items()))
+    for code, n in stats["failed_by_code"].items():
+        lines.append(f"  Failed {code}: {n} ({explain(code)})")
+    avg = stats["average_seconds_per_patient"]
+    lines.append(f"  Elapsed: {stats['elapsed_seconds']:.1f} s, "
+                 f"{stats['rate_per_second']:.1f} messages/s"
+                 + (f", {avg:.4f} s per patient" if avg else ""))
+    return "\n".join(lines)

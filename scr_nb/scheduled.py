@@ -1,0 +1,118 @@
+"""Headless, scheduled uploads (SPEC 9 and 10): ``notebooks/scheduled_upload.ipynb`` run by papermill.
+
+``scr-nb scheduled`` executes the notebook with its parameters, writes the executed notebook and an
+HTML export (inputs hidden) under ``<report dir>/<store name>/<UTC time>/``, and exits with the
+job's own exit code. A refused or failed job still leaves its report saying why. The notebook's
+cells call ``run_from_parameters`` and ``plot_outcome`` below, so nothing in it is untestable.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .engine import JobOptions
+from .runner import EXIT_ERROR, Outcome, run_upload
+from .schedule import Schedule, parse_local
+from .states import Mode
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "scheduled_upload.ipynb"
+KERNEL = "python3"
+START_TIMEOUT = 120      # seconds for the kernel to start; the upload cell itself has no timeout
+
+
+def run_from_parameters(*, practice: str, store: str, spine: str, session: str, mode: str = "run",
+                        group: str | None = None, start_at: str | None = None,
+                        stop_at: str | None = None, pause_at: str | None = None,
+                        resume_at: str | None = None, rate_limit: float | None = None,
+                        concurrency: int = 8, ack_timeout: float = 600.0,
+                        dissent: str = "exclude", skip_acknowledged: bool = False,
+                        outcome_path: str | None = None) -> Outcome:
+    """The scheduled notebook's upload cell: never raises, so the report is always written."""
+    try:
+        times = {name: parse_local(value, name) for name, value in
+                 (("start_at", start_at), ("stop_at", stop_at), ("pause_at", pause_at),
+                  ("resume_at", resume_at)) if value}
+        options = JobOptions(mode=Mode(mode), group=group or None, concurrency=int(concurrency),
+                             rate_limit=float(rate_limit) if rate_limit else None,
+                             ack_timeout=float(ack_timeout), dissent=dissent,
+                             skip_acknowledged=bool(skip_acknowledged),
+                             schedule=Schedule(**times))
+        outcome = run_upload(practice, store, spine, session, options)
+    except Exception as err:  # reported, not raised: the report must say why
+        outcome = Outcome(EXIT_ERROR, f"upload {mode} failed: {type(err).__name__}: {err}")
+    if outcome_path:
+        Path(outcome_path).write_text(json.dumps(outcome.to_json(), indent=2, default=str))
+    return outcome
+
+
+def plot_outcome(store: str):
+    """Vision's five counters and the failures by code, as one matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    from .constants import explain
+    from .store import Store
+
+    if not store or not Path(store).exists():
+        return None
+    kept = Store(store)
+    try:
+        status = kept.status()
+    finally:
+        kept.close()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.5))
+    counters = status["counters"]
+    labels = ["Unprocessed", "Sending", "Sent", "Failed", "Not Required"]
+    left.bar(labels, [counters[k] for k in ("unprocessed", "sending", "sent", "failed",
+                                            "not_required")],
+             color=["#9e9e9e", "#1e88e5", "#43a047", "#e53935", "#fdd835"])
+    left.set_title("Patients by state")
+    failed = status["failed_by_code"]
+    if failed:
+        names = [f"{code}: {explain(code)[:40]}" for code in failed]
+        right.barh(names, list(failed.values()), color="#e53935")
+        right.set_title("Failed by code")
+    else:
+        right.text(0.5, 0.5, "No failures", ha="center", va="center")
+        right.set_axis_off()
+    figure.tight_layout()
+    return figure
+
+
+def report_folder(report_dir: str | Path, store: str | Path) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = Path(report_dir) / Path(store).stem / stamp
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def run_scheduled(parameters: dict, report_dir: str | Path = "reports") -> tuple[int, Path]:
+    """Execute the notebook with papermill and export it to HTML; returns (exit code, folder)."""
+    import nbformat
+    import papermill
+    from nbconvert import HTMLExporter
+
+    folder = report_folder(report_dir, parameters["store"])
+    executed = folder / "scheduled_upload.ipynb"
+    outcome_path = folder / "outcome.json"
+    parameters = {**parameters, "report_dir": str(report_dir), "outcome_path": str(outcome_path)}
+    error = None
+    try:
+        papermill.execute_notebook(str(NOTEBOOK), str(executed), parameters=parameters,
+                                   kernel_name=KERNEL, start_timeout=START_TIMEOUT,
+                                   progress_bar=False, request_save_on_cell_execute=True)
+    except papermill.PapermillExecutionError as err:
+        error = f"the notebook stopped at cell {err.exec_count}: {err.ename}: {err.evalue}"
+    if executed.exists():
+        exporter = HTMLExporter(exclude_input=True)
+        body, _ = exporter.from_notebook_node(nbformat.read(str(executed), as_version=4))
+        (folder / "scheduled_upload.html").write_text(body, encoding="utf-8")
+    if outcome_path.exists():
+        code = json.loads(outcome_path.read_text())["exit_code"]
+    else:
+        code = EXIT_ERROR
+    if error:
+        (folder / "error.txt").write_text(error + "\n")
+        code = code or EXIT_ERROR
+    return code, folder

@@ -1,0 +1,54 @@
+"""`scr-nb scheduled`: the scheduled-upload notebook run by papermill, its report, its exit code."""
+
+from __future__ import annotations
+
+import re
+
+from scr_nb import cli
+from tests.conftest import ADMIN, CLERK
+from tests.test_engine import eligible_numbers, held
+
+NHS_NUMBER = re.compile(r"(?<!\d)\d{10}(?!\d)|(?<!\d)\d{3} \d{3} \d{4}(?!\d)")
+
+
+def login(spine, user, tmp_path, monkeypatch):
+    monkeypatch.setenv("SCR_NB_PASSCODE", user["passcode"])
+    session = tmp_path / f"{user['user_id']}.json"
+    assert cli.main(["login", "--identity", spine.url, "--user", user["user_id"],
+                     "--session", str(session)]) == 0
+    return session
+
+
+def scheduled(practice, tmp_path, spine, session, *extra):
+    return cli.main(["scheduled", "--practice", str(practice), "--store",
+                     str(tmp_path / "practice.sqlite"), "--spine", spine.url, "--session",
+                     str(session), "--mode", "run", "--report-dir", str(tmp_path / "reports"),
+                     *extra])
+
+
+def the_report(tmp_path):
+    [folder] = list((tmp_path / "reports" / "practice").iterdir())
+    return folder
+
+
+def test_a_scheduled_run_uploads_everyone_and_files_its_report(practice, tmp_path, spine,
+                                                               monkeypatch, capsys, today):
+    session = login(spine, ADMIN, tmp_path, monkeypatch)
+    assert scheduled(practice, tmp_path, spine, session) == 0
+    assert set(held(spine)) == eligible_numbers(practice, today)
+    folder = the_report(tmp_path)
+    html = (folder / "scheduled_upload.html").read_text(encoding="utf-8")
+    assert "Sent: " in html and "data:image/png;base64," in html
+    assert "run_from_parameters" not in html          # inputs hidden
+    assert not NHS_NUMBER.search(html)
+    assert (folder / "scheduled_upload.ipynb").exists()
+    assert "completed" in capsys.readouterr().out
+
+
+def test_a_refused_scheduled_run_exits_3_and_still_leaves_its_report(practice, tmp_path, spine,
+                                                                     monkeypatch):
+    session = login(spine, CLERK, tmp_path, monkeypatch)
+    assert scheduled(practice, tmp_path, spine, session, "--stop-at", "2099-01-01T00:00") == 3
+    assert spine.simulator.stats()["requests"] == 0
+    html = (the_report(tmp_path) / "scheduled_upload.html").read_text(encoding="utf-8")
+    assert "B0062" in html and "refused" in html
