@@ -29,7 +29,7 @@ from .records import Practice
 from .schedule import Schedule
 from .session import Session
 from .spine_client import Attempt, RateLimiter, SpineClient
-from .states import RESUMABLE, JobStatus, Mode, PatientState, StopReason, counters
+from .states import JobStatus, Mode, PatientState, StopReason, counters
 from .store import Job, Store
 
 
@@ -211,29 +211,15 @@ class Engine:
         if group is not None and not self.store.has_group(group):
             names = ", ".join(self.store.group_names()) or "none"
             self._refuse(options, f"there is no Patient Group called {group!r} (groups: {names})")
+        refused = refusal(self.store, mode, group)
+        if refused is not None:
+            self._refuse(options, *refused)
         if mode == Mode.RESUME:
             latest = self.store.latest_unfinished(group, any_scope=group is None)
-            if latest is None:
-                where = f"Patient Group {group!r}" if group else "this store"
-                self._refuse(options, "there is nothing to resume: no stopped, paused or cancelled "
-                                      f"upload in {where}. Use Run, Rerun or Failed.")
             if latest.status == JobStatus.RUNNING.value:
-                # Its process is gone (one job per store): close it so the chain goes on here.
+                # Its process is gone (we hold the store's lock): close it so the chain goes on.
                 self.store.end_job(latest.id, JobStatus.STOPPED, None, latest.totals)
             return latest.chain_id, latest.chain_mode, latest.group
-        latest = self.store.latest_job(group)
-        if latest is not None and (latest.status in {s.value for s in RESUMABLE}
-                                   or latest.status == JobStatus.RUNNING.value):
-            if mode == Mode.RUN:
-                self._refuse(options, "the upload is partially completed: use Resume to continue "
-                                      "it.", "resume")
-        if mode == Mode.RUN and latest is not None and latest.status == JobStatus.COMPLETED.value:
-            self._refuse(options, "the initial upload has already run to completion: use Rerun "
-                                  "to send every summary again or Failed to reprocess failures.",
-                         "rerun or failed")
-        if mode == Mode.FAILED and not self.store.count_in_scope(group, PatientState.FAILED):
-            self._refuse(options, "there are no failed patients to reprocess in "
-                                  f"{group or 'the whole list'}.")
         return None, mode.value, group
 
     # --- running --------------------------------------------------------------------------------
@@ -330,6 +316,26 @@ class Engine:
                        user_id=self.session.user_id, status=job.status, reason=job.reason,
                        counters=totals["counters"])
         return JobResult(job, progress, totals)
+
+
+def refusal(store: Store, mode: Mode, group: str | None) -> tuple[str, str | None] | None:
+    """Why ``mode`` may not start on ``group`` now, in Vision's words, with the mode to use
+    instead; None when it may. The engine refuses with it, the control panel greys buttons."""
+    if mode == Mode.RESUME:
+        if store.latest_unfinished(group, any_scope=group is None) is None:
+            where = f"Patient Group {group!r}" if group else "this store"
+            return ("there is nothing to resume: no stopped, paused or cancelled upload in "
+                    f"{where}. Use Run, Rerun or Failed.", None)
+        return None
+    latest = store.latest_job(group)
+    if mode == Mode.RUN and latest is not None:
+        if latest.status == JobStatus.COMPLETED.value:
+            return ("the initial upload has already run to completion: use Rerun to send every "
+                    "summary again or Failed to reprocess failures.", "rerun or failed")
+        return "the upload is partially completed: use Resume to continue it.", "resume"
+    if mode == Mode.FAILED and not store.count_in_scope(group, PatientState.FAILED):
+        return f"there are no failed patients to reprocess in {group or 'the whole list'}.", None
+    return None
 
 
 class _Run:
