@@ -244,7 +244,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not Path(args.store).exists():
         print(f"scr-nb status: {args.store}: no such store", file=sys.stderr)
         return EXIT_USAGE
-    store = Store(args.store)
+    store = Store(args.store, readonly=True)
     try:
         status = store.status()
     finally:

@@ -150,6 +150,20 @@ def read_rows(path: Path, required: tuple[str, ...]) -> Iterator[_Row]:
         yield row
 
 
+def load_groups(directory: str | Path) -> dict[str, list[str]]:
+    """The Patient Groups of an extract (groups.csv, optional): name -> patient ids."""
+    groups: dict[str, list[str]] = {}
+    path = Path(directory) / "groups.csv"
+    if path.exists():
+        for row in read_rows(path, REQUIRED_COLUMNS["groups.csv"]):
+            name, pid = row.text("group_name"), row.text("patient_id")
+            if name and pid:
+                members = groups.setdefault(name, [])
+                if pid not in members:
+                    members.append(pid)
+    return groups
+
+
 def load_practice(directory: str | Path, today: date | None = None) -> Practice:
     """Read and check a whole extract. Raises ExtractError before anything is sent."""
     today = today or date.today()
@@ -203,14 +217,7 @@ def load_practice(directory: str | Path, today: date | None = None) -> Practice:
         charge(row, "allergies.csv")
         practice.allergies.setdefault(allergy.patient_id, []).append(allergy)
 
-    groups_path = root / "groups.csv"
-    if groups_path.exists():
-        for row in read_rows(groups_path, REQUIRED_COLUMNS["groups.csv"]):
-            name, pid = row.text("group_name"), row.text("patient_id")
-            if name and pid:
-                members = practice.groups.setdefault(name, [])
-                if pid not in members:
-                    members.append(pid)
+    practice.groups = load_groups(root)
 
     for row in read_rows(root / "patients.csv", REQUIRED_COLUMNS["patients.csv"]):
         pid = row.text("patient_id")

@@ -158,33 +158,54 @@ def _create_private(path: Path) -> None:
 
 
 class Store:
-    def __init__(self, path: str | Path):
+    """One practice's store. ``readonly=True`` opens it for reading alongside a running job
+    (status, the control panel, reports): no schema work, no writes, no waiting on the writer."""
+
+    def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
         self._attempts: list[tuple] = []
         self._moves: list[tuple] = []   # deferred message moves, written by the next transaction
+        if readonly:
+            if not self.path.exists():
+                raise StoreError(f"{self.path}: no such store")
+            self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                      isolation_level=None, check_same_thread=False, timeout=30)
+            return
         _create_private(self.path)
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                       timeout=30)
-            self.db.execute("PRAGMA journal_mode=WAL")
+            if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
-            self.db.executescript(SCHEMA)
+            version = self._schema_version()
+            if version is None:
+                self.db.executescript(SCHEMA)
+                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
+                                (SCHEMA_VERSION,))
+                version = self._schema_version()
         except sqlite3.DatabaseError as err:
             raise StoreError(f"{self.path}: not a usable scr-nb store ({err})") from None
-        version = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if version is None:
-            self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        elif version[0] != SCHEMA_VERSION:
-            raise StoreError(f"{self.path}: store schema {version[0]} is not {SCHEMA_VERSION}; "
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: store schema {version} is not {SCHEMA_VERSION}; "
                              "use the scr-nb version that wrote it")
         for suffix in ("-wal", "-shm"):
             side = Path(str(self.path) + suffix)
             if side.exists():
                 os.chmod(side, 0o600)
 
+    def _schema_version(self) -> str | None:
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        except sqlite3.OperationalError:   # no meta table: a new store
+            return None
+        return row[0] if row else None
+
     def close(self) -> None:
-        self.flush()
+        if not self.readonly:
+            self.flush()
         self.db.close()
 
     @contextmanager
@@ -525,7 +546,7 @@ class Store:
 
     def flush(self) -> None:
         """Write the deferred moves and attempts now."""
-        if self._moves or self._attempts:
+        if not self.readonly and (self._moves or self._attempts):
             with self.transaction():
                 pass
 
