@@ -232,6 +232,22 @@ def cmd_scheduled(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the HTML report of a store (counters, success rate, throughput, ack latency, errors),
+    without running anything. NHS numbers are masked unless --show-nhs-numbers is given.
+
+    Example: scr-nb report --store practice.sqlite --out reports/
+    """
+    from .report import write_report
+
+    if not Path(args.store).exists():
+        print(f"scr-nb report: {args.store}: no such store", file=sys.stderr)
+        return EXIT_USAGE
+    path = write_report(args.store, args.out, show_nhs=args.show_nhs_numbers)
+    print(f"Report: {path}")
+    return EXIT_OK
+
+
 # --- status and log ---------------------------------------------------------------------------------
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -351,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", required=True, choices=[m.value for m in Mode])
     p.add_argument("--report-dir", default="reports", help="where reports go (default reports/)")
     add_job_options(p)
+
+    p = command("report", cmd_report, "an HTML report of a store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--out", default="reports", help="directory to write to (default reports/)")
+    p.add_argument("--show-nhs-numbers", action="store_true",
+                   help="for support use only: show NHS numbers in full")
 
     p = command("status", cmd_status, "state of a store")
     p.add_argument("--store", required=True)

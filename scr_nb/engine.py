@@ -22,13 +22,13 @@ from .constants import MAX_MESSAGE_BYTES
 from .eligibility import Decision, Policy, decide, summarise
 from .errors import ExtractError, RefusedError, SessionExpired, SessionRejected, SpineError
 from .extract import load_practice
-from .lock import HEARTBEAT_SECONDS, StoreLock
+from .lock import StoreLock
 from .message import Author, OutboundMessage, Windows, build_message, new_id, select_content
 from .practice_log import PracticeLog
 from .records import Practice
-from .schedule import Schedule
+from .schedule import Schedule, ScheduleError
 from .session import Session
-from .spine_client import Attempt, RateLimiter, SpineClient
+from .spine_client import Attempt, RateLimiter, SendHeld, SpineClient, Transmission
 from .states import JobStatus, Mode, PatientState, StopReason, counters
 from .store import Job, Store
 
@@ -271,6 +271,12 @@ class Engine:
     async def _locked(self, options: JobOptions) -> JobResult:
         try:
             options.schedule.check(self.clock.now())
+            start = options.schedule.start_at
+            if start is not None and start >= self.session.expires_at:
+                raise ScheduleError(
+                    f"the start time {start.isoformat(timespec='minutes')} is after the Smartcard "
+                    f"session ends ({self.session.expires_at.isoformat(timespec='minutes')}): "
+                    "log in nearer the time, or choose an earlier start")
         except RefusedError as err:
             self.log.write("refused", mode=options.mode.value, group=options.group,
                            user_id=self.session.user_id, reason=str(err))
@@ -363,6 +369,7 @@ class _Run:
         self.gate.set()                  # inside a scheduled pause)
         self.paused = self.resumed = False
         self.control_logged = False
+        self.produced_all = False
 
     # --- bookkeeping --------------------------------------------------------------------------
 
@@ -512,7 +519,7 @@ class _Run:
             rate_limiter=limiter, concurrency=self.options.concurrency,
             retry_window=self.options.retry_window, now=self.clock.now,
             monotonic=self.clock.monotonic, sleep=self.clock.sleep,
-            on_attempt=self.record_attempt)
+            on_attempt=self.record_attempt, may_send=self.may_send)
         self.client = client
         queue: asyncio.Queue = asyncio.Queue(maxsize=self.options.concurrency * 2)
         self.warn_if_too_slow(len(plan))
@@ -526,10 +533,15 @@ class _Run:
         senders = [asyncio.create_task(self.send_loop(queue))
                    for _ in range(self.options.concurrency)]
         try:
-            await self.supervise(producer, senders, queue)
-            # Acks of transmitted messages are tracked to the end, whatever stopped the sending.
+            await self.supervise(producer, senders, queue, [watcher, flusher])
+            # Acks of transmitted messages are tracked to the end, whatever stopped the sending,
+            # except after Cancel: those stay transmitted and Resume polls them.
             while self.trackers:
-                await asyncio.gather(*list(self.trackers))
+                if self.control.requested == JobStatus.CANCELLED:
+                    for task in list(self.trackers):
+                        task.cancel()
+                    break
+                await asyncio.wait(list(self.trackers), timeout=0.2)
             if self.tracker_errors:
                 raise self.tracker_errors[0]
         finally:
@@ -538,8 +550,12 @@ class _Run:
             await client.aclose()
             self.store.flush()
         self.report(force=True)
+        self.log_control()
         if self.stop_reason is not None:
             return self.stop_status, self.stop_reason
+        if self.control.stopping and self.produced_all and not self.store.in_flight(
+                self.job.group):
+            return JobStatus.COMPLETED, None   # the Stop came after the last patient was done
         if self.control.stopping:
             if self.paused:   # a Stop inside a scheduled pause cancels the pending resume
                 self.stopped(JobStatus.STOPPED, StopReason.RESUME_CANCELLED)
@@ -574,6 +590,29 @@ class _Run:
                 self.engine.log.write("warning", job_id=self.job.id,
                                       user_id=self.engine.session.user_id, warning=text)
 
+    def log_control(self) -> None:
+        """Log a Stop, Stop and Close or Cancel once, with the user, when it is first seen."""
+        if self.control.stopping and not self.control_logged:
+            self.control_logged = True
+            self.engine.log.write("cancel" if self.control.requested == JobStatus.CANCELLED
+                                  else "stop", job_id=self.job.id,
+                                  user_id=self.engine.session.user_id,
+                                  reason=self.control.reason.value,
+                                  becomes=self.control.requested.value)
+
+    def may_send(self) -> bool:
+        """Asked by the Spine client just before each POST (after a rate-limit wait or a retry
+        backoff): the schedule, the session and the controls, against the clock now."""
+        if self.halted or not self.gate.is_set():
+            return False
+        now, schedule = self.clock.now(), self.options.schedule
+        if schedule.stop_at is not None and now >= schedule.stop_at:
+            return False
+        if (schedule.pause_at is not None and not self.resumed
+                and schedule.pause_at <= now < schedule.resume_at):
+            return False
+        return not self.engine.session.expired(now)
+
     def stopped(self, status: JobStatus, reason: StopReason) -> None:
         """Stop sending for a reason of the job's own (schedule, session); acks are still tracked."""
         if self.stop_reason is None:
@@ -588,9 +627,15 @@ class _Run:
         while True:
             now = self.clock.now()
             self.progress.session_seconds_left = max(0.0, session.seconds_left(now))
+            if self.engine.lock.lost:
+                raise RuntimeError("another job took this store's lock: this one stops sending; "
+                                   "see the practice log")
             if self.stop_reason is not None:
                 return
             if self.paused:
+                if schedule.stop_at is not None and now >= schedule.stop_at:
+                    self.stopped(JobStatus.STOPPED, StopReason.STOP_TIME)
+                    return
                 if self.control.stopping or session.expired(now):
                     self.stopped(JobStatus.STOPPED, StopReason.RESUME_CANCELLED)
                     return
@@ -628,43 +673,37 @@ class _Run:
                 self.report(force=True)
             elif self.control.stopping:
                 self.gate.set()
-            if self.control.stopping and not self.control_logged:
-                self.control_logged = True
-                self.engine.log.write("cancel" if self.control.requested == JobStatus.CANCELLED
-                                      else "stop", job_id=self.job.id, user_id=session.user_id,
-                                      reason=self.control.reason.value,
-                                      becomes=self.control.requested.value)
+            self.log_control()
             self.report()
             await asyncio.sleep(WATCH_SECONDS)
 
     async def flush_now_and_then(self) -> None:
-        """Write deferred state changes a few times a second, so status readers see progress,
-        and keep the store's lock alive."""
-        beat = self.clock.monotonic()
+        """Write deferred state changes a few times a second, so status readers see progress."""
         while True:
             await asyncio.sleep(FLUSH_SECONDS)
             self.store.flush()
-            if self.clock.monotonic() - beat >= HEARTBEAT_SECONDS:
-                beat = self.clock.monotonic()
-                self.engine.lock.beat()
 
     async def supervise(self, producer: asyncio.Task, senders: list[asyncio.Task],
-                        queue: asyncio.Queue) -> None:
-        """Wait for the producer and the senders; the first unexpected error ends the job (and is
-        raised), so a failing task can never leave the others waiting on the queue for ever."""
+                        queue: asyncio.Queue, background: list[asyncio.Task]) -> None:
+        """Wait for the producer and the senders; the first unexpected error in any of them or in
+        a background task (the watcher, the flusher) ends the job and is raised, so no task can
+        leave the others waiting for ever."""
 
         async def close_queue() -> None:
             for _ in senders:
                 await queue.put(None)
 
-        pending: set[asyncio.Task] = {producer, *senders}
-        while pending:
+        work: set[asyncio.Task] = {producer, *senders}
+        pending: set[asyncio.Task] = work | set(background)
+        while work & pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     raise task.exception()
             if producer in done:
-                pending.add(asyncio.create_task(close_queue()))
+                closer = asyncio.create_task(close_queue())
+                work.add(closer)
+                pending.add(closer)
 
     async def produce(self, plan: list[str | _Work], queue: asyncio.Queue) -> None:
         """Build ahead of the senders, a batch at a time (the outbound queue is bounded)."""
@@ -679,34 +718,45 @@ class _Run:
                     self.track(work)
                 else:
                     await queue.put(work)   # stopped meanwhile: the sender leaves it queued
+        self.produced_all = True
 
     async def send_loop(self, queue: asyncio.Queue) -> None:
-        client = self.client
         while True:
             work = await queue.get()
             if work is None:
                 return
-            await self.gate.wait()
-            if self.halted:
-                continue   # stays queued, with its id: Resume sends it
-            message = work.message
-            self.store.mark_sending(message.message_id)
-            try:
-                sent = await client.send(message)
-            except (SessionExpired, SessionRejected) as err:
-                self.store.unsend(message.message_id)
-                self.session_lost(err)
+            sent = await self.send_one(work.message)
+            if sent is None:
                 continue
-            except SpineError as err:
-                code = err.codes[0] if err.codes else (
-                    "retries_exhausted" if err.retriable else "http_error")
-                self.failed(message.message_id, code)
-                continue
-            self.store.mark_transmitted(message.message_id, sent.poll_url, sent.attempts)
+            self.store.mark_transmitted(work.message_id, sent.poll_url, sent.attempts)
             self.progress.transmitted += 1
             self.report()
             self.track(_Work(work.pkey, work.message_id, work.event_id, poll_url=sent.poll_url),
                        first_wait=sent.retry_after)
+
+    async def send_one(self, message: OutboundMessage) -> Transmission | None:
+        """POST one message; None when it was not transmitted (held, stopped, failed)."""
+        while True:
+            await self.gate.wait()
+            if self.halted:
+                return None   # stays queued, with its id: Resume sends it
+            self.store.mark_sending(message.message_id)
+            try:
+                return await self.client.send(message)
+            except SendHeld:
+                # Held at the last moment (a pause or stop the watcher has not closed the gate
+                # for yet): queued again with its id, and tried again once the gate opens.
+                self.store.unsend(message.message_id)
+                await asyncio.sleep(WATCH_SECONDS)
+            except (SessionExpired, SessionRejected) as err:
+                self.store.unsend(message.message_id)
+                self.session_lost(err)
+                return None
+            except SpineError as err:
+                code = err.codes[0] if err.codes else (
+                    "retries_exhausted" if err.retriable else "http_error")
+                self.failed(message.message_id, code)
+                return None
 
     def track(self, work: _Work, first_wait: float = 0.0) -> None:
         task = asyncio.create_task(self.await_ack(work, first_wait))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -45,12 +47,18 @@ def _alive(pid: int) -> bool:
 
 
 class StoreLock:
+    """The lock of one job. Its heartbeat runs on a thread of its own with its own connection, from
+    the moment the lock is taken, so a long extract load or a busy event loop never lets it lapse."""
+
     def __init__(self, store: Store, user_id: str, user_name: str, now: callable,
                  lapse: float = LAPSE_SECONDS):
         self.store, self.user_id, self.user_name = store, user_id, user_name
         self.now, self.lapse = now, lapse
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.token = uuid.uuid4().hex   # tells two jobs of one process apart
+        self.lost = False               # set when another job took the lock from under us
+        self._stop = threading.Event()
+        self._beater: threading.Thread | None = None
 
     def holder(self) -> Holder | None:
         row = self.store.db.execute("SELECT user_id, user_name, host, pid, since, heartbeat "
@@ -58,14 +66,15 @@ class StoreLock:
         return Holder(*row) if row else None
 
     def _dead(self, holder: Holder, stamp: float) -> bool:
-        if holder.host == self.host and holder.pid != self.pid and not _alive(holder.pid):
-            return True
+        """A holder on this host is dead when its process is; a live local process is never
+        taken over. On another host only a lapsed heartbeat tells."""
+        if holder.host == self.host and holder.pid != self.pid:
+            return not _alive(holder.pid)
         return stamp - holder.heartbeat > self.lapse
 
     def acquire(self) -> Holder | None:
-        """Take the lock; returns the holder taken over from (a crashed job), or None.
-
-        Raises RefusedError when another live job holds the store."""
+        """Take the lock and start the heartbeat; returns the holder taken over from (a crashed
+        job), or None. Raises RefusedError when another live job holds the store."""
         stamp = self.now().timestamp()
         with self.store.transaction() as db:
             row = db.execute("SELECT user_id, user_name, host, pid, since, heartbeat, token "
@@ -79,13 +88,26 @@ class StoreLock:
             db.execute("INSERT OR REPLACE INTO job_lock VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
                        (self.user_id, self.user_name, self.host, self.pid, since, stamp,
                         self.token))
+        self._beater = threading.Thread(target=self._beat_until_released, daemon=True,
+                                        name="scr-nb-heartbeat")
+        self._beater.start()
         return previous
 
-    def beat(self) -> None:
-        with self.store.transaction() as db:
-            db.execute("UPDATE job_lock SET heartbeat = ? WHERE token = ?",
-                       (self.now().timestamp(), self.token))
+    def _beat_until_released(self) -> None:
+        db = sqlite3.connect(self.store.path, timeout=30, isolation_level=None)
+        try:
+            while not self._stop.wait(HEARTBEAT_SECONDS):
+                changed = db.execute("UPDATE job_lock SET heartbeat = ? WHERE token = ?",
+                                     (self.now().timestamp(), self.token)).rowcount
+                if not changed:
+                    self.lost = True
+                    return
+        finally:
+            db.close()
 
     def release(self) -> None:
+        self._stop.set()
+        if self._beater is not None:
+            self._beater.join(timeout=HEARTBEAT_SECONDS + 5)
         with self.store.transaction() as db:
             db.execute("DELETE FROM job_lock WHERE token = ?", (self.token,))

@@ -27,6 +27,11 @@ from .session import Session
 TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
 
 
+class SendHeld(Exception):
+    """The job may not send now (paused, stopped, past its stop time, session over): the message
+    stays queued with its id."""
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -110,13 +115,15 @@ class SpineClient:
                  now: Callable[[], datetime] = utcnow,
                  monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 on_attempt: Callable[[Attempt], None] | None = None):
+                 on_attempt: Callable[[Attempt], None] | None = None,
+                 may_send: Callable[[], bool] | None = None):
         self.base_url = base_url.rstrip("/")
         self.session, self.asid = session, asid
         self.rate_limiter, self.now, self.sleep = rate_limiter, now, sleep
         self.monotonic = monotonic
         self.retry_window, self.backoff_base, self.backoff_max = retry_window, backoff_base, backoff_max
         self.on_attempt = on_attempt
+        self.may_send = may_send
         self.http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=request_timeout),
             connector=aiohttp.TCPConnector(limit=concurrency * 2 + 4))
@@ -166,6 +173,8 @@ class SpineClient:
             attempt += 1
             if self.rate_limiter:
                 await self.rate_limiter.acquire()
+            if self.may_send is not None and not self.may_send():
+                raise SendHeld()
             headers = self._headers()   # checks the session's expiry before every request
             headers["SOAPAction"] = SOAP_ACTION
             headers["Content-Type"] = message.content_type

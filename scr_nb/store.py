@@ -211,17 +211,18 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         self.db.execute("BEGIN IMMEDIATE")
+        attempts, self._attempts = self._attempts, []
+        moves, self._moves = self._moves, []
         try:
-            if self._attempts:
+            if attempts:
                 self.db.executemany("INSERT INTO attempts (message_id, at, kind, http_status, "
-                                    "detail) VALUES (?, ?, ?, ?, ?)", self._attempts)
-                self._attempts = []
-            moves, self._moves = self._moves, []
+                                    "detail) VALUES (?, ?, ?, ?, ?)", attempts)
             for move in moves:
                 self._apply_move(self.db, *move)
             yield self.db
         except BaseException:
             self.db.execute("ROLLBACK")
+            self._attempts[:0], self._moves[:0] = attempts, moves   # kept for the next one
             raise
         self.db.execute("COMMIT")
 

@@ -9,6 +9,7 @@ only sets widget values (it never prints: ipykernel routes a thread's output unp
 from __future__ import annotations
 
 import html
+import sqlite3
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +18,7 @@ import ipywidgets as w
 
 from . import session as sessions
 from .engine import JobControl, JobOptions, Progress, refusal
-from .errors import ScrNbError
+from .errors import ScrNbError, StoreError
 from .extract import load_groups
 from .runner import Outcome, format_statistics, run_upload
 from .schedule import Schedule
@@ -128,11 +129,14 @@ class ControlPanel:
             button.disabled = not self.running
 
     def _store_groups(self) -> list[str]:
-        if not Path(self.store_path).exists():
+        try:
+            store = Store(self.store_path, readonly=True)
+        except StoreError:
             return []
-        store = Store(self.store_path, readonly=True)
         try:
             return store.group_names()
+        except sqlite3.Error:   # a store being created by the job that just started
+            return []
         finally:
             store.close()
 
@@ -142,11 +146,15 @@ class ControlPanel:
 
     def why_not(self, mode: Mode) -> str | None:
         """Vision's message when ``mode`` cannot start now, else None."""
-        if not Path(self.store_path).exists():
-            return None if mode == Mode.RUN else "nothing has been uploaded yet: use Run."
-        store = Store(self.store_path, readonly=True)
+        nothing_yet = None if mode == Mode.RUN else "nothing has been uploaded yet: use Run."
+        try:
+            store = Store(self.store_path, readonly=True)
+        except StoreError:
+            return nothing_yet
         try:
             refused = refusal(store, mode, self.selected_group)
+        except sqlite3.Error:   # a store being created by the job that just started
+            return nothing_yet
         finally:
             store.close()
         return refused[0] if refused else None

@@ -56,7 +56,7 @@ def test_stop_mid_run_then_resume(practice, tmp_path, spine_factory, admin_sessi
     deadline = time.monotonic() + 30
     while panel.progress.value < 10 and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not panel.stop_button.disabled
+    assert not panel.stop_button.disabled, (panel.outcome, panel.progress.value, panel.running)
     panel.stop_button.click()
     wait(panel)
     assert panel.outcome.exit_code == 4 and "paused (user_stop)" in panel.outcome.message

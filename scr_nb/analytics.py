@@ -1,0 +1,416 @@
+"""Numbers for analysts: pandas frames over one or more practice stores (SPEC 9, the monitor).
+
+Every function takes one store path or a list of them and opens each store read-only, so it can be
+called while a job is writing to it. Every frame starts with ``store`` (the path) and ``practice``
+(a short label for plots and tables) so frames from many practices stack, group and plot together;
+an empty list of stores gives an empty frame with the same columns. Times are pandas UTC
+timestamps. NHS numbers are masked (``943 *** 5919``) unless ``show_nhs=True``.
+
+A patient "failed" here as in ``Store.status()``: its latest attempt failed. Failures a later job
+resolved are only in the per-job counts (``jobs``, ``failures_by_job``) and in ``messages``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+import pandas as pd
+
+from .constants import category, explain
+from .errors import StoreError
+from .nhs_number import mask
+from .states import NOT_REQUIRED_REASONS, PatientState, counters
+from .store import SCHEMA_VERSION
+
+StorePath = str | os.PathLike
+Stores = StorePath | Iterable[StorePath]
+
+# The moments in a message's life counted by ``throughput``, and the column each is read from.
+EVENTS = {"queued": "queued_at", "transmitted": "transmitted_at",
+          "acknowledged": "acknowledged_at", "failed": "failed_at"}
+PERCENTILES = {"p50": 0.50, "p90": 0.90, "p99": 0.99}
+# The per-job counters a finished job keeps in its totals (``this_job`` of the engine's statistics).
+JOB_COUNTERS = ("to_send", "queued", "transmitted", "acknowledged", "failed")
+
+_LABELS = ["store", "practice"]
+TEXT, TIME = "object", "datetime64[us, UTC]"   # column types, so that empty frames are typed too
+
+
+# --- opening stores -------------------------------------------------------------------------------
+
+def store_paths(stores: Stores) -> list[Path]:
+    """The stores as a list of paths: one path, or any iterable of them."""
+    if isinstance(stores, (str, os.PathLike)):
+        return [Path(stores)]
+    return [Path(s) for s in stores]
+
+
+def practice_labels(paths: list[Path]) -> dict[Path, str]:
+    """A short, distinct label per store: its file name without the suffix, with the folder in
+    front when two stores share a name (every practice's store may be called practice.sqlite)."""
+    stems = [p.stem for p in paths]
+    labels = {}
+    for path in paths:
+        label = path.stem
+        if stems.count(label) > 1:
+            label = f"{path.parent.name}/{path.stem}"
+        if label in labels.values():
+            label = str(path)
+        labels[path] = label
+    return labels
+
+
+@contextmanager
+def read_only(path: StorePath) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to a store: it never writes, so it can sit beside a running job."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"{path}: no such store")
+    uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+    try:
+        db = sqlite3.connect(uri, uri=True, timeout=30)
+    except sqlite3.Error as err:
+        raise StoreError(f"{path}: cannot open the store read-only ({err})") from None
+    try:
+        version = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if version is None or version[0] != SCHEMA_VERSION:
+            raise StoreError(f"{path}: store schema {version and version[0]} is not "
+                             f"{SCHEMA_VERSION}; use the scr-nb version that wrote it")
+        yield db
+    except sqlite3.DatabaseError as err:
+        raise StoreError(f"{path}: not a usable scr-nb store ({err})") from None
+    finally:
+        db.close()
+
+
+def _empty(columns: dict[str, str]) -> pd.DataFrame:
+    """A frame with no rows and the given columns (after the labels), each of its type."""
+    return pd.DataFrame({c: pd.Series(dtype=t)
+                         for c, t in {**dict.fromkeys(_LABELS, TEXT), **columns}.items()})
+
+
+def _columns(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    return frame[_LABELS + list(columns)].reset_index(drop=True)
+
+
+def _collect(stores: Stores, read: Callable[[sqlite3.Connection], pd.DataFrame],
+             columns: dict[str, str]) -> pd.DataFrame:
+    """Call ``read(db)`` (a frame) on every store and stack the results with their labels."""
+    paths = store_paths(stores)
+    labels = practice_labels(paths)
+    frames = []
+    for path in paths:
+        with read_only(path) as db:
+            frame = read(db)
+        frame.insert(0, "practice", labels[path])
+        frame.insert(0, "store", str(path))
+        frames.append(frame)
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return _empty(columns)
+    return _columns(pd.concat(frames, ignore_index=True), columns)
+
+
+def _query(db: sqlite3.Connection, sql: str, args: tuple = ()) -> pd.DataFrame:
+    cur = db.execute(sql, args)
+    return pd.DataFrame.from_records(cur.fetchall(), columns=[c[0] for c in cur.description])
+
+
+def _utc(values: pd.Series) -> pd.Series:
+    """ISO 8601 text from the store as UTC timestamps (missing ones as NaT)."""
+    return pd.to_datetime(values, utc=True, format="ISO8601").astype(TIME)
+
+
+def _ratio(numerator: pd.Series, denominator: pd.Series) -> pd.Series:
+    num, den = numerator.astype("float64"), denominator.astype("float64")
+    return (num / den).where(den > 0)
+
+
+# --- the store as a whole -------------------------------------------------------------------------
+
+COMPLETION_COLUMNS = dict.fromkeys(["patients", "eligible", "unprocessed", "sending", "sent",
+                                    "failed", "not_required", "transmitted", "acknowledged"],
+                                   "int64")
+
+
+def completion(stores: Stores) -> pd.DataFrame:
+    """One row per store: Vision's five counters (unprocessed, sending, sent = acknowledged, failed,
+    not_required) as ``Store.status()`` gives them, with patients, eligible patients, and
+    transmitted (waiting for an ack) beside acknowledged."""
+    def read(db):
+        states = {s.value: 0 for s in PatientState}
+        states.update(dict(db.execute("SELECT state, COUNT(*) FROM patients GROUP BY state")))
+        eligible = db.execute("SELECT COUNT(*) FROM patients WHERE eligibility IS NULL").fetchone()
+        row = {"patients": sum(states.values()), "eligible": eligible[0], **counters(states),
+               "transmitted": states[PatientState.TRANSMITTED.value],
+               "acknowledged": states[PatientState.ACKNOWLEDGED.value]}
+        return pd.DataFrame([row])
+    return _collect(stores, read, COMPLETION_COLUMNS)
+
+
+NOT_REQUIRED_COLUMNS = {"reason": TEXT, "patients": "int64"}
+
+
+def not_required(stores: Stores) -> pd.DataFrame:
+    """Patients not required, by reason, per store: every reason of SPEC 4 in its order (zeros
+    included, as ``Store.status()`` lists them), then any other reason the store holds."""
+    def read(db):
+        found = dict(db.execute("SELECT reason, COUNT(*) FROM patients WHERE state = ? "
+                                "GROUP BY reason", (PatientState.NOT_REQUIRED.value,)))
+        rows = [(r, found.pop(r, 0)) for r in NOT_REQUIRED_REASONS]
+        rows += sorted(found.items(), key=lambda item: str(item[0]))
+        return pd.DataFrame(rows, columns=list(NOT_REQUIRED_COLUMNS))
+    return _collect(stores, read, NOT_REQUIRED_COLUMNS)
+
+
+# --- jobs -----------------------------------------------------------------------------------------
+
+JOB_COLUMNS = {"job_id": "int64", "resumes": "Int64", "mode": TEXT, "group": TEXT, "status": TEXT,
+               "reason": TEXT, "user_id": TEXT, "user_name": TEXT, "started_at": TIME,
+               "ended_at": TIME, "duration_s": "float64", "eligible_in_scope": "Int64",
+               **dict.fromkeys(JOB_COUNTERS, "Int64"), "success_rate": "float64",
+               "acknowledged_of_eligible": "float64", "counted_from": TEXT}
+
+
+def jobs(stores: Stores) -> pd.DataFrame:
+    """One row per job. The counters are the job's own (what it queued, transmitted, got
+    acknowledged or failed), from the totals it stored when it ended; a job still running (or one
+    that crashed) has none yet, so its counters are read from the messages it holds
+    (``counted_from`` says which). ``success_rate`` is acknowledged / (acknowledged + failed);
+    ``acknowledged_of_eligible`` is acknowledged over the eligible patients in the job's scope.
+    ``duration_s`` runs to now for a job that has not ended."""
+    def read(db):
+        rows = _query(db, "SELECT id AS job_id, chain_id, mode, group_name AS 'group', status, "
+                          "reason, user_id, user_name, started_at, ended_at, totals FROM jobs "
+                          "ORDER BY id")
+        if rows.empty:
+            return rows
+        live = _query(db, "SELECT job_id, SUM(body IS NOT NULL) AS queued, "
+                          "SUM(transmitted_at IS NOT NULL) AS transmitted, "
+                          "SUM(state = 'acknowledged') AS acknowledged, "
+                          "SUM(state = 'failed') AS failed FROM messages GROUP BY job_id")
+        live = live.set_index("job_id").to_dict("index")
+        records = []
+        for row in rows.to_dict("records"):
+            totals = json.loads(row.pop("totals") or "{}")
+            this_job = totals.get("this_job")
+            if this_job:
+                counts = {k: this_job.get(k) for k in JOB_COUNTERS}
+                eligible, source = totals.get("qualifying_patients"), "totals"
+            else:
+                mine = live.get(row["job_id"], {})
+                counts = {k: int(mine.get(k) or 0) for k in JOB_COUNTERS}
+                counts["to_send"] = None    # known only when the job ends
+                eligible, source = _eligible_in_scope(db, row["group"]), "messages"
+            chain = row.pop("chain_id")
+            records.append({**row, "resumes": chain if chain != row["job_id"] else None,
+                            "eligible_in_scope": eligible, **counts, "counted_from": source})
+        frame = pd.DataFrame.from_records(records)
+        for column in ("eligible_in_scope", *JOB_COUNTERS):
+            frame[column] = frame[column].astype("Int64")
+        frame["resumes"] = frame["resumes"].astype("Int64")
+        started, ended = _utc(frame["started_at"]), _utc(frame["ended_at"])
+        frame["started_at"], frame["ended_at"] = started, ended
+        until = ended.fillna(pd.Timestamp.now(tz="UTC"))
+        frame["duration_s"] = (until - started).dt.total_seconds()
+        frame["success_rate"] = _ratio(frame["acknowledged"],
+                                       frame["acknowledged"] + frame["failed"])
+        frame["acknowledged_of_eligible"] = _ratio(frame["acknowledged"],
+                                                   frame["eligible_in_scope"])
+        return frame
+    return _collect(stores, read, JOB_COLUMNS)
+
+
+def _eligible_in_scope(db: sqlite3.Connection, group: str | None) -> int:
+    if group is None:
+        sql, args = "SELECT COUNT(*) FROM patients WHERE eligibility IS NULL", ()
+    else:
+        sql = ("SELECT COUNT(*) FROM patients WHERE eligibility IS NULL AND patient_id IN "
+               "(SELECT patient_id FROM groups WHERE group_name = ?)")
+        args = (group,)
+    return db.execute(sql, args).fetchone()[0]
+
+
+# --- messages, throughput and ack latency ---------------------------------------------------------
+
+MESSAGE_COLUMNS = {"message_id": TEXT, "job_id": "int64", "patient_id": TEXT, "state": TEXT,
+                   "size": "int64", "post_attempts": "int64", "queued_at": TIME,
+                   "transmitted_at": TIME, "acked_at": TIME, "acknowledged_at": TIME,
+                   "failed_at": TIME, "ack_type": TEXT, "code": TEXT, "current": "bool"}
+
+# acked_at is the time of its ack, of any type; acknowledged_at only for an AA.
+# When a message failed: its error ack; else (ack timeout, retries exhausted, too large) the moment
+# its patient was marked failed while it is still the patient's message; else its last exchange.
+_MESSAGES_SQL = """
+SELECT m.message_id, m.job_id, p.patient_id, m.state, m.size, m.post_attempts,
+       CASE WHEN m.body IS NOT NULL THEN m.created_at END AS queued_at,
+       m.transmitted_at, m.acked_at,
+       CASE WHEN m.state = 'acknowledged' THEN m.acked_at END AS acknowledged_at,
+       CASE WHEN m.state = 'failed' THEN COALESCE(
+           m.acked_at,
+           CASE WHEN p.message_id = m.message_id AND p.state = 'failed' THEN p.updated_at END,
+           (SELECT MAX(a.at) FROM attempts AS a WHERE a.message_id = m.message_id),
+           m.created_at) END AS failed_at,
+       m.ack_type, m.failure_code AS code,
+       COALESCE(p.message_id = m.message_id, 0) AS 'current'
+FROM messages AS m LEFT JOIN patients AS p ON p.pkey = m.pkey
+ORDER BY m.created_at, m.rowid
+"""
+
+
+def messages(stores: Stores) -> pd.DataFrame:
+    """One row per message the kit built: its job, state, size and the moments it was queued,
+    transmitted, answered by an ack of any type (``acked_at``), acknowledged (AA) or failed.
+    ``current`` is true while it is its patient's latest message. No NHS numbers, no content."""
+    def read(db):
+        frame = _query(db, _MESSAGES_SQL)
+        for column in ("queued_at", "transmitted_at", "acked_at", "acknowledged_at", "failed_at"):
+            frame[column] = _utc(frame[column])
+        frame["current"] = frame["current"].astype(bool)
+        return frame
+    return _collect(stores, read, MESSAGE_COLUMNS)
+
+
+THROUGHPUT_COLUMNS = {"period": TIME, **dict.fromkeys(EVENTS, "int64")}
+# For freq="auto": the first of these that cuts the whole span into at most AUTO_PERIODS periods.
+AUTO_FREQS = ("1s", "10s", "1min", "10min", "1h", "6h", "1D", "7D")
+AUTO_PERIODS = 120
+
+
+def throughput(stores: Stores, freq: str = "1min") -> pd.DataFrame:
+    """Messages queued, transmitted, acknowledged and failed per period, per store, with empty
+    periods as zeros. ``freq`` is a fixed pandas frequency (``"10s"``, ``"1min"``, ``"1h"``) or
+    ``"auto"``: a round one that gives at most 120 periods over the stores' whole span."""
+    found = messages(stores)
+    stamps = pd.concat([found[_LABELS].assign(event=event, at=found[column])
+                        for event, column in EVENTS.items()]).dropna(subset=["at"])
+    if stamps.empty:
+        return _empty(THROUGHPUT_COLUMNS)
+    if freq == "auto":
+        span = stamps["at"].max() - stamps["at"].min()
+        freq = next((f for f in AUTO_FREQS if span / pd.Timedelta(f) <= AUTO_PERIODS),
+                    AUTO_FREQS[-1])
+    stamps["period"] = stamps["at"].dt.floor(freq)
+    frames = []
+    for (store, practice), group in stamps.groupby(_LABELS, sort=False):
+        table = group.pivot_table(index="period", columns="event", aggfunc="size", fill_value=0)
+        periods = pd.date_range(table.index.min(), table.index.max(), freq=freq)
+        table = table.reindex(index=periods, columns=list(EVENTS), fill_value=0).astype("int64")
+        table = table.rename_axis(index="period", columns=None).reset_index()
+        frames.append(table.assign(store=store, practice=practice))
+    return _columns(pd.concat(frames, ignore_index=True), THROUGHPUT_COLUMNS)
+
+
+ACK_LATENCY_COLUMNS = {"job_id": "int64", "message_id": TEXT, "ack_type": TEXT,
+                       "transmitted_at": TIME, "acked_at": TIME, "latency_s": "float64"}
+
+
+def ack_latency(stores: Stores) -> pd.DataFrame:
+    """Seconds from transmission (the Spine's 202) to the application ack, per acked message;
+    ``ack_type`` AA is a success, AE/AR an error ack."""
+    frame = messages(stores)
+    frame = frame[frame["transmitted_at"].notna() & frame["acked_at"].notna()].copy()
+    frame["latency_s"] = (frame["acked_at"] - frame["transmitted_at"]).dt.total_seconds()
+    return _columns(frame, ACK_LATENCY_COLUMNS)
+
+
+LATENCY_PERCENTILE_COLUMNS = {"job_id": "int64", "acks": "int64",
+                              **dict.fromkeys([*PERCENTILES, "max"], "float64")}
+
+
+def ack_latency_percentiles(stores: Stores) -> pd.DataFrame:
+    """Per job: how many acks, and the p50, p90, p99 and maximum ack latency in seconds."""
+    latency = ack_latency(stores)
+    if latency.empty:
+        return _empty(LATENCY_PERCENTILE_COLUMNS)
+    by_job = latency.groupby(_LABELS + ["job_id"], sort=False)["latency_s"]
+    frame = by_job.agg(acks="size", **{name: (lambda s, q=q: s.quantile(q))
+                                       for name, q in PERCENTILES.items()}, max="max")
+    return _columns(frame.reset_index(), LATENCY_PERCENTILE_COLUMNS)
+
+
+# --- failures -----------------------------------------------------------------------------------
+
+FAILURE_COLUMNS = {"patient_id": TEXT, "nhs_number": TEXT, "code": TEXT, "words": TEXT,
+                   "category": TEXT, "job_id": "Int64", "message_id": TEXT, "ack_type": TEXT,
+                   "failed_at": TIME}
+
+
+def failures(stores: Stores, show_nhs: bool = False) -> pd.DataFrame:
+    """One row per patient whose latest attempt failed: the failure code in plain words and its
+    category, the job and message, and when. NHS numbers masked unless ``show_nhs``."""
+    def read(db):
+        frame = _query(db, """
+            SELECT p.patient_id, p.nhs_number, p.reason AS code, m.job_id, p.message_id,
+                   m.ack_type, COALESCE(m.acked_at, p.updated_at) AS failed_at
+            FROM patients AS p LEFT JOIN messages AS m ON m.message_id = p.message_id
+            WHERE p.state = ? ORDER BY p.source_row""", (PatientState.FAILED.value,))
+        if not show_nhs:
+            frame["nhs_number"] = frame["nhs_number"].map(mask)
+        frame["code"] = frame["code"].fillna("").astype(str)
+        frame["words"] = frame["code"].map(explain)
+        frame["category"] = frame["code"].map(category)
+        frame["job_id"] = frame["job_id"].astype("Int64")
+        frame["failed_at"] = _utc(frame["failed_at"])
+        return frame
+    return _collect(stores, read, FAILURE_COLUMNS)
+
+
+BY_CODE_COLUMNS = {"code": TEXT, "words": TEXT, "category": TEXT, "patients": "int64"}
+BY_CATEGORY_COLUMNS = {"category": TEXT, "patients": "int64"}
+
+
+def failures_by_code(stores: Stores) -> pd.DataFrame:
+    """Failed patients per store and code, most frequent first, with plain words and category
+    (the ``failed_by_code`` of ``Store.status()``)."""
+    return _count(failures(stores), ["code", "words", "category"], BY_CODE_COLUMNS)
+
+
+def failures_by_category(stores: Stores) -> pd.DataFrame:
+    """Failed patients per store and category (data, access, duplicate, transport, kit, other)."""
+    return _count(failures(stores), ["category"], BY_CATEGORY_COLUMNS)
+
+
+def _count(frame: pd.DataFrame, keys: list[str], columns: dict[str, str]) -> pd.DataFrame:
+    if frame.empty:
+        return _empty(columns)
+    counted = frame.groupby(_LABELS + keys, sort=False).size().rename("patients").reset_index()
+    counted = counted.sort_values(["store", "patients", keys[0]], ascending=[True, False, True],
+                                  kind="stable")
+    return _columns(counted, columns)
+
+
+BY_JOB_COLUMNS = {"job_id": "int64", "mode": TEXT, "code": TEXT, "words": TEXT,
+                  "category": TEXT, "failed": "int64"}
+
+
+def failures_by_job(stores: Stores) -> pd.DataFrame:
+    """The failures each job met, by code (including those a later job resolved): from the totals
+    a job stored when it ended, or from its messages while it runs."""
+    def read(db):
+        rows = []
+        live: dict[int, dict[str, int]] = {}
+        for job_id, code, n in db.execute(
+                "SELECT job_id, failure_code, COUNT(*) FROM messages WHERE state = 'failed' "
+                "GROUP BY job_id, failure_code"):
+            live.setdefault(job_id, {})[str(code)] = n
+        for job_id, mode, totals in db.execute("SELECT id, mode, totals FROM jobs ORDER BY id"):
+            this_job = json.loads(totals or "{}").get("this_job")
+            by_code = this_job.get("failed_by_code", {}) if this_job else live.get(job_id, {})
+            for code, n in sorted(by_code.items(), key=lambda item: (-item[1], item[0])):
+                rows.append((job_id, mode, code, explain(code), category(code), n))
+        return pd.DataFrame(rows, columns=list(BY_JOB_COLUMNS))
+    return _collect(stores, read, BY_JOB_COLUMNS)
+
+
+__all__ = [
+    "completion", "not_required", "jobs", "messages", "throughput", "ack_latency",
+    "ack_latency_percentiles", "failures", "failures_by_code", "failures_by_category",
+    "failures_by_job", "read_only", "store_paths", "practice_labels",
+]

@@ -1,0 +1,105 @@
+"""The control panel served by Voila and driven in headless Chromium (Debian's, through Playwright):
+Run and OK, the progress moving, Stop, Resume and OK, the completion statistics. A screenshot of the
+finished panel is kept under reports/test-artifacts/."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from scr_nb import session as sessions
+from tests.conftest import ADMIN
+from tests.test_engine import eligible_numbers, held
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = ROOT / "reports" / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def voila(practice, tmp_path, spine_factory):
+    spine = spine_factory(rate_limit_tps=40, rate_limit_burst=1)
+    session = tmp_path / "session.json"
+    sessions.save(sessions.login(spine.url, ADMIN["user_id"], ADMIN["passcode"]), session)
+    port = free_port()
+    env = {**os.environ, "SCR_NB_PRACTICE": str(practice),
+           "SCR_NB_STORE": str(tmp_path / "practice.sqlite"), "SCR_NB_SPINE": spine.url,
+           "SCR_NB_SESSION": str(session)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "voila", str(ROOT / "notebooks" / "control_panel.ipynb"),
+         "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"voila exited: {server.stdout.read()}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    try:
+        yield url, spine
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def test_the_control_panel_in_a_real_browser(voila, practice, today):
+    from playwright.sync_api import expect, sync_playwright
+
+    assert Path(CHROMIUM).exists(), ("Debian's chromium is needed: apt-get install chromium "
+                                     "(scripts/test.sh installs it when it can)")
+    url, spine = voila
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(url, timeout=60_000)
+            button = lambda name: page.get_by_role("button", name=name, exact=True)  # noqa: E731
+            expect(button("Run")).to_be_enabled(timeout=60_000)
+            expect(page.get_by_text(ADMIN["name"])).to_be_visible()
+            button("Run").click()
+            expect(button("OK")).to_be_enabled()
+            button("OK").click()
+            expect(page.get_by_text(re.compile(r"acknowledged [1-9]\d*"))).to_be_visible(
+                timeout=30_000)
+            expect(button("Stop")).to_be_enabled()
+            button("Stop").click()
+            expect(page.get_by_text(re.compile(r"paused \(user_stop\)"))).to_be_visible(
+                timeout=30_000)
+            assert len(held(spine)) < len(eligible_numbers(practice, today))
+            expect(button("Resume")).to_be_enabled(timeout=10_000)
+            button("Resume").click()
+            button("OK").click()
+            expect(page.get_by_text(re.compile(r"completed: every patient"))).to_be_visible(
+                timeout=60_000)
+            expect(page.get_by_text(re.compile(r"Sent: \d+"))).to_be_visible()
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "control-panel-finished.png"), full_page=True)
+        finally:
+            browser.close()
+    assert set(held(spine)) == eligible_numbers(practice, today)
