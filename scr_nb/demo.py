@@ -2,8 +2,8 @@
 
 It uses the kit exactly as an administrator would, through the ``scr-nb`` commands: synth,
 spine-sim (in its own process), login, eligibility, upload run, upload failed, status. It ends with
-the completion statistics and a report in the output directory, and checks the Spine's own count
-of accepted summaries against the store's.
+the completion statistics, a summary and the HTML report in the output directory, and checks the
+Spine's own count of accepted summaries against the store's.
 """
 
 from __future__ import annotations
@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         report = _report(status, spine_stats, held)
         (out / "completion-report.txt").write_text(report + "\n")
         print(report)
-        print(f"\nReport: {out / 'completion-report.txt'}\nStore: {store}\n"
+        step("8. The HTML report (NHS numbers masked)")
+        cli.main(["report", "--store", str(store), "--out", str(out)])
+        print(f"\nSummary: {out / 'completion-report.txt'}\nStore: {store}\n"
               f"Log: {store}.log.jsonl")
         return 0 if held == status["counters"]["sent"] else 1
     finally:
