@@ -100,9 +100,8 @@ def test_run_status_log_and_the_refusals(practice, tmp_path, spine, logged_in, c
     assert stat.S_IMODE(os.stat(str(tmp_path / "s.sqlite") + ".log.jsonl").st_mode) == 0o600
 
 
-def test_ctrl_c_stops_and_closes_with_exit_4_and_resume_finishes(practice, tmp_path,
-                                                                 spine_factory, monkeypatch,
-                                                                 capsys):
+def slow_upload(practice, tmp_path, spine_factory, monkeypatch, accepted: int):
+    """A `scr-nb upload run` process at 40 messages a second, once the Spine has taken some."""
     spine = spine_factory(rate_limit_tps=40, rate_limit_burst=1)
     monkeypatch.setenv("SCR_NB_PASSCODE", ADMIN["passcode"])
     session = tmp_path / "session.json"
@@ -111,10 +110,17 @@ def test_ctrl_c_stops_and_closes_with_exit_4_and_resume_finishes(practice, tmp_p
     command = [sys.executable, "-m", "scr_nb.cli",
                *upload_args("run", practice, tmp_path, spine, session, "--rate-limit", "40")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while spine.simulator.stats()["accepted"] < accepted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return spine, session, process
+
+
+def test_ctrl_c_stops_and_closes_with_exit_4_and_resume_finishes(practice, tmp_path,
+                                                                 spine_factory, monkeypatch,
+                                                                 capsys):
+    spine, session, process = slow_upload(practice, tmp_path, spine_factory, monkeypatch, 20)
     try:
-        deadline = time.monotonic() + 30
-        while spine.simulator.stats()["accepted"] < 20 and time.monotonic() < deadline:
-            time.sleep(0.05)
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)
     finally:
@@ -161,18 +167,8 @@ def test_schedule_options_are_checked_and_recorded(practice, tmp_path, spine, lo
 
 def test_a_second_upload_is_refused_while_the_first_runs(practice, tmp_path, spine_factory,
                                                          monkeypatch, capsys):
-    spine = spine_factory(rate_limit_tps=40, rate_limit_burst=1)
-    monkeypatch.setenv("SCR_NB_PASSCODE", ADMIN["passcode"])
-    session = tmp_path / "session.json"
-    assert cli.main(["login", "--identity", spine.url, "--user", ADMIN["user_id"],
-                     "--session", str(session)]) == 0
-    command = [sys.executable, "-m", "scr_nb.cli",
-               *upload_args("run", practice, tmp_path, spine, session, "--rate-limit", "40")]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    spine, session, first = slow_upload(practice, tmp_path, spine_factory, monkeypatch, 5)
     try:
-        deadline = time.monotonic() + 30
-        while spine.simulator.stats()["accepted"] < 5 and time.monotonic() < deadline:
-            time.sleep(0.05)
         capsys.readouterr()
         assert cli.main(upload_args("resume", practice, tmp_path, spine, session)) == 3
         err = capsys.readouterr().err
