@@ -48,34 +48,19 @@ def run_from_parameters(*, practice: str, store: str, spine: str, session: str, 
 
 
 def plot_outcome(store: str):
-    """Vision's five counters and the failures by code, as one matplotlib figure."""
+    """The analysts' charts for this store (the same functions as the HTML report and the
+    monitor notebook): success rate per job, throughput, ack latency, failures by code."""
     import matplotlib.pyplot as plt
 
-    from .constants import explain
-    from .store import Store
+    from . import analytics, report
 
     if not store or not Path(store).exists():
         return None
-    kept = Store(store)
-    try:
-        status = kept.status()
-    finally:
-        kept.close()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.5))
-    counters = status["counters"]
-    labels = ["Unprocessed", "Sending", "Sent", "Failed", "Not Required"]
-    left.bar(labels, [counters[k] for k in ("unprocessed", "sending", "sent", "failed",
-                                            "not_required")],
-             color=["#9e9e9e", "#1e88e5", "#43a047", "#e53935", "#fdd835"])
-    left.set_title("Patients by state")
-    failed = status["failed_by_code"]
-    if failed:
-        names = [f"{code}: {explain(code)[:40]}" for code in failed]
-        right.barh(names, list(failed.values()), color="#e53935")
-        right.set_title("Failed by code")
-    else:
-        right.text(0.5, 0.5, "No failures", ha="center", va="center")
-        right.set_axis_off()
+    figure, axes = plt.subplots(2, 2, figsize=(12, 7.5))
+    report.plot_success_rate(axes[0][0], analytics.jobs(store))
+    report.plot_throughput(axes[0][1], analytics.throughput(store, freq="auto"))
+    report.plot_ack_latency(axes[1][0], analytics.ack_latency_percentiles(store))
+    report.plot_failures_by_code(axes[1][1], analytics.failures_by_code(store))
     figure.tight_layout()
     return figure
 
