@@ -241,7 +241,14 @@ class Engine:
 
         worker = threading.Thread(target=job, name="scr-nb-job")
         worker.start()
-        worker.join()
+        while worker.is_alive():
+            try:
+                worker.join(0.2)
+            except KeyboardInterrupt:   # the kernel's interrupt: Stop and Close, then Cancel
+                if self.control.stopping:
+                    self.control.cancel()
+                else:
+                    self.control.stop_and_close()
         if "error" in outcome:
             raise outcome["error"]
         return outcome["result"]

@@ -172,7 +172,7 @@ def write_report(store_path: str | Path, out_dir: str | Path, show_nhs: bool = F
     while path.exists():          # two reports in one second: keep both
         path, n = out_dir / f"{stem}-{n}.html", n + 1
     path.write_text(text, encoding="utf-8")
-    path.chmod(0o644)
+    path.chmod(0o600 if show_nhs else 0o644)   # full NHS numbers: the owner only
     return path
 
 
@@ -183,7 +183,7 @@ def render_report(store_path: str | Path, show_nhs: bool = False,
     if not store_path.is_file():
         raise StoreError(f"{store_path}: no such store")
     now = now or datetime.now(timezone.utc)
-    store = Store(store_path)
+    store = Store(store_path, readonly=True)
     try:
         status = store.status()
     finally:

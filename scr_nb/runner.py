@@ -63,7 +63,7 @@ def run_upload(practice: str | Path, store_path: str | Path, spine: str,
         return Outcome(EXIT_OK, f"upload {mode} completed: every patient in scope is "
                                 "acknowledged or failed.", job, result.statistics)
     return Outcome(EXIT_STOPPED, f"upload {mode} {result.job.status} ({result.job.reason}); "
-                                 "continue it with: scr-nb upload resume ...", job,
+                                 "continue it with Resume (scr-nb upload resume ...)", job,
                    result.statistics)
 
 
@@ -72,7 +72,9 @@ def format_statistics(stats: dict) -> str:
     c = stats["counters"]
     lines = [
         f"Job {stats['job_id']} ({stats['mode']}, {stats['group'] or 'whole list'})",
-        f"  Qualifying patients: {stats['qualifying_patients']} of {stats['patients_in_scope']}",
+        f"  Qualifying patients: {stats['qualifying_patients']} of {stats['patients_in_scope']}"
+        + (f" in Patient Group {stats['group']}; the figures below are the whole store's"
+           if stats["group"] else ""),
         f"  Unprocessed: {c['unprocessed']}  Sending: {c['sending']}  Sent: {c['sent']}  "
         f"Failed: {c['failed']}  Not Required: {c['not_required']}",
         f"  Transmitted, waiting for ack: {stats['states'].get('transmitted', 0)}",

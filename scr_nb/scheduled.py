@@ -9,15 +9,18 @@ cells call ``run_from_parameters`` and ``plot_outcome`` below, so nothing in it 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .engine import JobOptions
+from .engine import JobControl, JobOptions
 from .runner import EXIT_ERROR, Outcome, run_upload
 from .schedule import Schedule, parse_local
 from .states import Mode
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "scheduled_upload.ipynb"
+STOP_FILE, CANCEL_FILE = "stop-requested", "cancel-requested"   # left by `scr-nb scheduled` on a signal
 KERNEL = "python3"
 START_TIMEOUT = 120      # seconds for the kernel to start; the upload cell itself has no timeout
 
@@ -28,8 +31,16 @@ def run_from_parameters(*, practice: str, store: str, spine: str, session: str, 
                         resume_at: str | None = None, rate_limit: float | None = None,
                         concurrency: int = 8, ack_timeout: float = 600.0,
                         dissent: str = "exclude", skip_acknowledged: bool = False,
-                        outcome_path: str | None = None) -> Outcome:
-    """The scheduled notebook's upload cell: never raises, so the report is always written."""
+                        outcome_path: str | None = None,
+                        control_dir: str | None = None) -> Outcome:
+    """The scheduled notebook's upload cell: never raises, so the report is always written.
+    With ``control_dir``, a file named ``stop-requested`` there is Stop and Close and one named
+    ``cancel-requested`` is Cancel: how ``scr-nb scheduled`` passes on Ctrl-C and SIGTERM."""
+    control = JobControl()
+    watching = threading.Event()
+    if control_dir:
+        threading.Thread(target=_watch_for_requests, args=(Path(control_dir), control, watching),
+                         daemon=True, name="scr-nb-scheduled-control").start()
     try:
         times = {name: parse_local(value, name) for name, value in
                  (("start_at", start_at), ("stop_at", stop_at), ("pause_at", pause_at),
@@ -39,9 +50,11 @@ def run_from_parameters(*, practice: str, store: str, spine: str, session: str, 
                              ack_timeout=float(ack_timeout), dissent=dissent,
                              skip_acknowledged=bool(skip_acknowledged),
                              schedule=Schedule(**times))
-        outcome = run_upload(practice, store, spine, session, options)
+        outcome = run_upload(practice, store, spine, session, options, control=control)
     except Exception as err:  # reported, not raised: the report must say why
         outcome = Outcome(EXIT_ERROR, f"upload {mode} failed: {type(err).__name__}: {err}")
+    finally:
+        watching.set()
     if outcome_path:
         Path(outcome_path).write_text(json.dumps(outcome.to_json(), indent=2, default=str))
     return outcome
@@ -65,10 +78,22 @@ def plot_outcome(store: str):
     return figure
 
 
+def _watch_for_requests(folder: Path, control: JobControl, done: threading.Event) -> None:
+    while not done.wait(0.5):
+        if (folder / CANCEL_FILE).exists():
+            control.cancel()
+        elif (folder / STOP_FILE).exists():
+            control.stop_and_close()
+
+
 def report_folder(report_dir: str | Path, store: str | Path) -> Path:
+    """A new folder per run: reports/<store name>/<UTC time>[-n]/."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    folder = Path(report_dir) / Path(store).stem / stamp
-    folder.mkdir(parents=True, exist_ok=True)
+    base = Path(report_dir) / Path(store).stem
+    folder, n = base / stamp, 1
+    while folder.exists():
+        folder, n = base / f"{stamp}-{n}", n + 1
+    folder.mkdir(parents=True)
     return folder
 
 
@@ -81,14 +106,21 @@ def run_scheduled(parameters: dict, report_dir: str | Path = "reports") -> tuple
     folder = report_folder(report_dir, parameters["store"])
     executed = folder / "scheduled_upload.ipynb"
     outcome_path = folder / "outcome.json"
-    parameters = {**parameters, "report_dir": str(report_dir), "outcome_path": str(outcome_path)}
+    parameters = {**parameters, "report_dir": str(report_dir), "outcome_path": str(outcome_path),
+                  "control_dir": str(folder)}
     error = None
+    signals = _pass_signals_on(folder)
     try:
         papermill.execute_notebook(str(NOTEBOOK), str(executed), parameters=parameters,
                                    kernel_name=KERNEL, start_timeout=START_TIMEOUT,
                                    progress_bar=False, request_save_on_cell_execute=True)
     except papermill.PapermillExecutionError as err:
         error = f"the notebook stopped at cell {err.exec_count}: {err.ename}: {err.evalue}"
+    except Exception as err:   # the kernel would not start or died: still leave a report
+        error = f"the notebook could not run: {type(err).__name__}: {err}"
+    finally:
+        for signum, previous in signals.items():
+            signal.signal(signum, previous)
     if executed.exists():
         exporter = HTMLExporter(exclude_input=True)
         body, _ = exporter.from_notebook_node(nbformat.read(str(executed), as_version=4))
@@ -101,3 +133,17 @@ def run_scheduled(parameters: dict, report_dir: str | Path = "reports") -> tuple
         (folder / "error.txt").write_text(error + "\n")
         code = code or EXIT_ERROR
     return code, folder
+
+
+def _pass_signals_on(folder: Path) -> dict:
+    """Ctrl-C or SIGTERM: Stop and Close in the notebook's job (a file it watches for); a second
+    one: Cancel. The notebook then ends normally and its report is written."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    count = {"n": 0}
+
+    def handler(signum: int, frame: object) -> None:
+        count["n"] += 1
+        (folder / (STOP_FILE if count["n"] == 1 else CANCEL_FILE)).touch()
+
+    return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}

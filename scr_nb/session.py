@@ -44,7 +44,7 @@ class Session:
             raise SessionError(
                 f"the Smartcard session of {self.name} ({self.user_id}) expired at "
                 f"{self.expires_at.isoformat()}; nothing was sent. Log in again (scr-nb login) "
-                "and use Resume.", use_mode="resume")
+                "and start the job again (Resume, if a job was stopped).")
 
     @classmethod
     def from_idp(cls, answer: dict, identity_url: str = "") -> "Session":

@@ -167,10 +167,15 @@ class Store:
         self._attempts: list[tuple] = []
         self._moves: list[tuple] = []   # deferred message moves, written by the next transaction
         if readonly:
-            if not self.path.exists():
+            if not self.path.is_file():
                 raise StoreError(f"{self.path}: no such store")
-            self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
-                                      isolation_level=None, check_same_thread=False, timeout=30)
+            try:
+                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                          isolation_level=None, check_same_thread=False,
+                                          timeout=30)
+                self.db.execute("SELECT 1 FROM meta LIMIT 1")
+            except sqlite3.Error as err:
+                raise StoreError(f"{self.path}: not a usable scr-nb store ({err})") from None
             return
         _create_private(self.path)
         try:

@@ -55,10 +55,11 @@ class ControlPanel:
         self.mode_message = w.HTML()
         self.group = w.Dropdown(description="Patient Group", options=[WHOLE_LIST])
         self.group.observe(lambda _: self.refresh(), names="value")
-        self.start_at = w.NaiveDatetimePicker(description="Start at")
-        self.stop_at = w.NaiveDatetimePicker(description="Stop at")
-        self.pause_at = w.NaiveDatetimePicker(description="Pause at")
-        self.resume_at = w.NaiveDatetimePicker(description="Resume at")
+        # Timezone-aware pickers: the time the administrator types is their browser's local time.
+        self.start_at = w.DatetimePicker(description="Start at")
+        self.stop_at = w.DatetimePicker(description="Stop at")
+        self.pause_at = w.DatetimePicker(description="Pause at")
+        self.resume_at = w.DatetimePicker(description="Resume at")
         self.rate_limit = w.FloatText(description="Rate limit/s", value=0.0)
         self.concurrency = w.BoundedIntText(description="Concurrency", value=8, min=1, max=256)
         self.ok = w.Button(description="OK", button_style="primary")
@@ -124,7 +125,13 @@ class ControlPanel:
             if why and mode == Mode.RUN:
                 messages.append(why)
         self.mode_message.value = html.escape(" ".join(messages))
-        self.ok.disabled = self.running or self.mode is None or session is None
+        if not self.store_path or Path(self.store_path).is_dir():
+            self.mode_message.value = ("<b>No store:</b> set the <code>store</code> parameter "
+                                       "(or SCR_NB_STORE) to the practice's store file.")
+            for button in self.mode_buttons.values():
+                button.disabled = True
+        self.ok.disabled = (self.running or self.mode is None or session is None
+                            or not self.store_path)
         for button in (self.stop_button, self.stop_close_button, self.cancel_button):
             button.disabled = not self.running
 

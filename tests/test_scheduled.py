@@ -52,3 +52,34 @@ def test_a_refused_scheduled_run_exits_3_and_still_leaves_its_report(practice, t
     assert spine.simulator.stats()["requests"] == 0
     html = (the_report(tmp_path) / "scheduled_upload.html").read_text(encoding="utf-8")
     assert "B0062" in html and "refused" in html
+
+
+def test_sigterm_stops_a_scheduled_run_cleanly_and_it_still_files_its_report(
+        practice, tmp_path, spine_factory, monkeypatch):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spine = spine_factory(rate_limit_tps=30, rate_limit_burst=1)
+    session = login(spine, ADMIN, tmp_path, monkeypatch)
+    command = [sys.executable, "-m", "scr_nb.cli", "scheduled", "--practice", str(practice),
+               "--store", str(tmp_path / "practice.sqlite"), "--spine", spine.url,
+               "--session", str(session), "--mode", "run", "--rate-limit", "30",
+               "--report-dir", str(tmp_path / "reports")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while spine.simulator.stats()["accepted"] < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 4, err
+    folder = the_report(tmp_path)
+    outcome = json.loads((folder / "outcome.json").read_text())
+    assert outcome["job"]["status"] == "stopped" and outcome["job"]["reason"] == "user_stop"
+    assert "Resume" in (folder / "scheduled_upload.html").read_text(encoding="utf-8")
