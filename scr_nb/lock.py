@@ -60,11 +60,6 @@ class StoreLock:
         self._stop = threading.Event()
         self._beater: threading.Thread | None = None
 
-    def holder(self) -> Holder | None:
-        row = self.store.db.execute("SELECT user_id, user_name, host, pid, since, heartbeat "
-                                    "FROM job_lock WHERE id = 1").fetchone()
-        return Holder(*row) if row else None
-
     def _dead(self, holder: Holder, stamp: float) -> bool:
         """A holder on this host is dead when its process is; a live local process is never
         taken over. On another host only a lapsed heartbeat tells."""

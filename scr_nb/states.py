@@ -36,7 +36,6 @@ PREDECESSORS: dict[PatientState, tuple[str, ...]] = {
     for new in PatientState
 }
 IN_FLIGHT = frozenset({P.QUEUED, P.SENDING, P.TRANSMITTED})
-FINAL = frozenset({P.ACKNOWLEDGED, P.FAILED, P.NOT_REQUIRED})
 
 
 def check_transition(old: PatientState | str, new: PatientState | str) -> None:
@@ -73,7 +72,6 @@ JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     J.CANCELLED: frozenset({J.COMPLETED}),
     J.COMPLETED: frozenset(),
 }
-RESUMABLE = frozenset({J.PAUSED, J.STOPPED, J.CANCELLED})
 
 
 def check_job_transition(old: JobStatus | str, new: JobStatus | str) -> None:

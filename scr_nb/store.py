@@ -20,12 +20,13 @@ from pathlib import Path
 
 from .errors import StoreError
 from .states import (
-    FINAL, IN_FLIGHT, NOT_REQUIRED_REASONS, PREDECESSORS, JobStatus, PatientState,
+    IN_FLIGHT, NOT_REQUIRED_REASONS, PREDECESSORS, JobStatus, PatientState,
     check_job_transition, check_transition, counters,
 )
 
 SCHEMA_VERSION = "1"
 NOT_IN_EXTRACT = "not_in_extract"
+_IN_FLIGHT_SQL = ", ".join(sorted(f"'{state.value}'" for state in IN_FLIGHT))
 MAX_DEFERRED = 500                  # deferred moves written at the latest with the 500th   # a patient the store knows but the latest extract does not
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -380,8 +381,8 @@ class Store:
         self.flush()
         where, args = self._scope(group)
         return list(self.db.execute(
-            f"SELECT pkey, message_id FROM patients WHERE state IN ('queued', 'sending', "
-            f"'transmitted') AND {where} ORDER BY source_row", args))
+            f"SELECT pkey, message_id FROM patients WHERE state IN ({_IN_FLIGHT_SQL}) "
+            f"AND {where} ORDER BY source_row", args))
 
     def select_work(self, chain_mode: str, chain_id: int, group: str | None,
                     skip_acknowledged: bool = False) -> list[str]:
@@ -600,4 +601,4 @@ class Store:
         }
 
 
-__all__ = ["Store", "Job", "StoredMessage", "FINAL", "IN_FLIGHT"]
+__all__ = ["Store", "Job", "StoredMessage"]
