@@ -23,10 +23,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from scr_nb.eligibility import Policy, decide
-from scr_nb.extract import load_practice
-from scr_nb.message import Author, Windows, build_message, new_id, select_content
-from scr_nb.synth import write_practice
+from scr_nb.extract.eligibility import Policy, decide
+from scr_nb.extract.reader import load_practice
+from scr_nb.spine.content import Windows, select_content
+from scr_nb.spine.gp_summary import Author, build_message, new_id
+from scr_nb.sim.synth import write_practice
 
 SEED = 20240611
 

@@ -37,16 +37,17 @@ from typing import Iterator
 
 import aiohttp
 
-from scr_nb import session as sessions
+from scr_nb.spine import session as sessions
 from scr_nb.constants import SOAP_ACTION
-from scr_nb.eligibility import Policy, decide
-from scr_nb.engine import Engine, JobOptions
-from scr_nb.extract import load_practice
-from scr_nb.message import Author, OutboundMessage, Windows, build_message, new_id, select_content
-from scr_nb.spine_client import RateLimiter
-from scr_nb.states import Mode
-from scr_nb.store import Store
-from scr_nb.synth import write_practice
+from scr_nb.extract.eligibility import Policy, decide
+from scr_nb.job.engine import Engine, JobOptions
+from scr_nb.extract.reader import load_practice
+from scr_nb.spine.content import Windows, select_content
+from scr_nb.spine.gp_summary import Author, OutboundMessage, build_message, new_id
+from scr_nb.spine.client import RateLimiter
+from scr_nb.store.states import Mode
+from scr_nb.store.practice_store import Store
+from scr_nb.sim.synth import write_practice
 
 HOST = "127.0.0.1"
 SEED = 20240611
@@ -92,7 +93,7 @@ def simulator(workdir: Path, name: str, users_file: Path, args: argparse.Namespa
               start_timeout: float = 20.0) -> Iterator[Simulator]:
     """A ``scr-nb spine-sim`` process on a free loopback port; always stopped on the way out."""
     port = free_port()
-    command = [sys.executable, "-m", "scr_nb.cli", "spine-sim", "--host", HOST, "--port", str(port),
+    command = [sys.executable, "-m", "scr_nb.ui.cli", "spine-sim", "--host", HOST, "--port", str(port),
                "--users", str(users_file), "--poll-retry-after-ms", str(args.poll_retry_after_ms)]
     if args.latency_ms:
         command += ["--latency-ms", str(args.latency_ms)]

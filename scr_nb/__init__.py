@@ -4,10 +4,10 @@ What a user calls: the engine and its options, the store, sessions, and the extr
 dry run. Everything else is reachable through its module.
 """
 
-from .engine import Engine, JobControl, JobOptions, JobResult, Progress
-from .errors import ExtractError, RefusedError, ScrNbError, SessionError, SpineError
-from .states import JobStatus, Mode, PatientState
-from .store import Store
+from scr_nb.job.engine import Engine, JobControl, JobOptions, JobResult, Progress
+from scr_nb.errors import ExtractError, RefusedError, ScrNbError, SessionError, SpineError
+from scr_nb.store.states import JobStatus, Mode, PatientState
+from scr_nb.store.practice_store import Store
 
 __all__ = [
     "Engine", "JobControl", "JobOptions", "JobResult", "Progress", "Store",

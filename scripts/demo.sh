@@ -3,4 +3,4 @@
 # statistics and a report under reports/demo/. Usage: bash scripts/demo.sh [PATIENTS]
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
-exec "$VENV/bin/python" -m scr_nb.demo --patients "${1:-2000}" --out "$ROOT/reports/demo"
+exec "$VENV/bin/python" -m scr_nb.sim.demo --patients "${1:-2000}" --out "$ROOT/reports/demo"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scr_nb.ack import parse_ack, parse_soap_fault
+from scr_nb.spine.acks import parse_ack, parse_soap_fault
 from scr_nb.errors import SpineError
 from tests.conftest import REFERENCE
 

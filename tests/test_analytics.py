@@ -1,4 +1,4 @@
-"""The analyst's side: the frames of ``scr_nb.analytics`` agree with ``Store.status()`` on a store
+"""The analyst's side: the frames of ``scr_nb.reporting.frames`` agree with ``Store.status()`` on a store
 filled by real jobs against the simulator, NHS numbers stay masked, the HTML report is whole, and
 the monitor notebook runs under papermill."""
 
@@ -14,12 +14,12 @@ import pandas as pd
 import papermill
 import pytest
 
-from scr_nb import analytics
-from scr_nb import session as sessions
+from scr_nb.reporting import frames as analytics
+from scr_nb.spine import session as sessions
 from scr_nb.errors import StoreError
-from scr_nb.report import write_report
-from scr_nb.simulator import SimConfig, SimulatorThread
-from scr_nb.store import Store
+from scr_nb.reporting.html_report import write_report
+from scr_nb.sim.spine_sim import SimConfig, SimulatorThread
+from scr_nb.store.practice_store import Store
 from tests.conftest import ADMIN, USERS
 from tests.test_engine import job
 

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from scr_nb import cli
-from scr_nb.eligibility import Policy, decide, summarise
-from scr_nb.extract import load_practice
+from scr_nb.ui import cli
+from scr_nb.extract.eligibility import Policy, decide, summarise
+from scr_nb.extract.reader import load_practice
 from tests.conftest import ADMIN
 
 
@@ -107,7 +107,7 @@ def slow_upload(practice, tmp_path, spine_factory, monkeypatch, accepted: int):
     session = tmp_path / "session.json"
     assert cli.main(["login", "--identity", spine.url, "--user", ADMIN["user_id"],
                      "--session", str(session)]) == 0
-    command = [sys.executable, "-m", "scr_nb.cli",
+    command = [sys.executable, "-m", "scr_nb.ui.cli",
                *upload_args("run", practice, tmp_path, spine, session, "--rate-limit", "40")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30

@@ -11,13 +11,13 @@ import subprocess
 import sys
 import time
 
-from scr_nb import cli
+from scr_nb.ui import cli
 from tests.conftest import ADMIN
 from tests.test_engine import eligible_numbers, held
 
 
 def start_upload(mode, practice, tmp_path, spine, session):
-    command = [sys.executable, "-m", "scr_nb.cli", "upload", mode, "--practice", str(practice),
+    command = [sys.executable, "-m", "scr_nb.ui.cli", "upload", mode, "--practice", str(practice),
                "--store", str(tmp_path / "s.sqlite"), "--spine", spine.url, "--session",
                str(session), "--quiet", "--concurrency", "8"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from scr_nb.eligibility import Policy, decide, summarise
-from scr_nb.extract import load_practice
-from scr_nb.nhs_number import is_valid, mask
-from scr_nb.states import NOT_REQUIRED_REASONS
-from scr_nb.synth import write_practice
+from scr_nb.extract.eligibility import Policy, decide, summarise
+from scr_nb.extract.reader import load_practice
+from scr_nb.extract.nhs_number import is_valid, mask
+from scr_nb.store.states import NOT_REQUIRED_REASONS
+from scr_nb.sim.synth import write_practice
 from tests.handmade import ago, nhs, patient, write
 
 

@@ -7,16 +7,16 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from scr_nb import engine as engine_module
-from scr_nb import session as sessions
-from scr_nb.eligibility import Policy, decide
-from scr_nb.engine import Engine, JobControl, JobOptions
+from scr_nb.job import engine as engine_module
+from scr_nb.spine import session as sessions
+from scr_nb.extract.eligibility import Policy, decide
+from scr_nb.job.engine import Engine, JobControl, JobOptions
 from scr_nb.errors import RefusedError, SessionError
-from scr_nb.extract import load_practice
-from scr_nb.practice_log import PracticeLog
-from scr_nb.spine_client import SpineClient
-from scr_nb.states import Mode
-from scr_nb.store import Store
+from scr_nb.extract.reader import load_practice
+from scr_nb.store.log import PracticeLog
+from scr_nb.spine.client import SpineClient
+from scr_nb.store.states import Mode
+from scr_nb.store.practice_store import Store
 from tests.conftest import CLERK
 
 
@@ -341,7 +341,7 @@ def test_patients_gone_from_the_extract_get_a_reason(tmp_path, spine, admin_sess
 
 def test_a_second_job_on_the_same_store_is_refused_naming_the_holder(tmp_path, spine,
                                                                       admin_session, practice):
-    from scr_nb.lock import StoreLock
+    from scr_nb.store.lock import StoreLock
 
     store = Store(tmp_path / "practice.sqlite")
     holder = StoreLock(store, "555000000009", "Pat Other", lambda: datetime.now(timezone.utc))
@@ -361,7 +361,7 @@ def test_a_second_job_on_the_same_store_is_refused_naming_the_holder(tmp_path, s
 
 
 def test_a_lapsed_holder_is_taken_over(tmp_path, spine, admin_session, practice):
-    from scr_nb.lock import LAPSE_SECONDS, StoreLock
+    from scr_nb.store.lock import LAPSE_SECONDS, StoreLock
 
     store = Store(tmp_path / "practice.sqlite")
     long_ago = datetime.now(timezone.utc) - timedelta(seconds=LAPSE_SECONDS + 5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scr_nb.errors import ExtractError
-from scr_nb.extract import load_practice
+from scr_nb.extract.reader import load_practice
 from tests.handmade import nhs, patient, write
 
 

@@ -13,20 +13,20 @@ import papermill
 import pytest
 from lxml import etree
 
-from scr_nb import session as sessions
+from scr_nb.spine import session as sessions
 from scr_nb.constants import explain
-from scr_nb.eligibility import Policy, decide
-from scr_nb.engine import Engine, JobOptions
+from scr_nb.extract.eligibility import Policy, decide
+from scr_nb.job.engine import Engine, JobOptions
 from scr_nb.errors import RefusedError
-from scr_nb.extract import load_practice
-from scr_nb.investigate import (
+from scr_nb.extract.reader import load_practice
+from scr_nb.ui.support_desk import (
     ack_xml, ebxml_header, failed_patients, filter_widgets, find_patient, group_names,
     last_sent_message, mark_resolved, message_xml, reprocess, timeline,
 )
-from scr_nb.nhs_number import mask
-from scr_nb.states import Mode
-from scr_nb.store import Store
-from scr_nb.synth import write_practice
+from scr_nb.extract.nhs_number import mask
+from scr_nb.store.states import Mode
+from scr_nb.store.practice_store import Store
+from scr_nb.sim.synth import write_practice
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "investigate_errors.ipynb"
 SECOND_LOOK = "Second look"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from scr_nb import cli
+from scr_nb.ui import cli
 from tests.conftest import ADMIN, CLERK
 from tests.test_engine import eligible_numbers, held
 
@@ -64,7 +64,7 @@ def test_sigterm_stops_a_scheduled_run_cleanly_and_it_still_files_its_report(
 
     spine = spine_factory(rate_limit_tps=30, rate_limit_burst=1)
     session = login(spine, ADMIN, tmp_path, monkeypatch)
-    command = [sys.executable, "-m", "scr_nb.cli", "scheduled", "--practice", str(practice),
+    command = [sys.executable, "-m", "scr_nb.ui.cli", "scheduled", "--practice", str(practice),
                "--store", str(tmp_path / "practice.sqlite"), "--spine", spine.url,
                "--session", str(session), "--mode", "run", "--rate-limit", "30",
                "--report-dir", str(tmp_path / "reports")]

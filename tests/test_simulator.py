@@ -14,9 +14,11 @@ import httpx
 import pytest
 from lxml import etree
 
-from scr_nb import constants, identity, mime
-from scr_nb.nhs_number import check_digit
-from scr_nb.simulator import SimConfig, SimulatorThread, add_arguments, config_from_args
+from scr_nb import constants
+from scr_nb.sim import identity
+from scr_nb.spine import mime
+from scr_nb.extract.nhs_number import check_digit
+from scr_nb.sim.spine_sim import SimConfig, SimulatorThread, add_arguments, config_from_args
 
 HL7 = "{urn:hl7-org:v3}"
 SECRET = b"test-secret-for-the-simulator"

@@ -14,10 +14,10 @@ from datetime import date
 
 import pytest
 
-from scr_nb import synth
+from scr_nb.sim import synth
 from scr_nb.constants import TEST_NHS_NUMBER_RANGE
-from scr_nb.nhs_number import is_valid, normalise
-from scr_nb.states import NOT_REQUIRED_REASONS
+from scr_nb.extract.nhs_number import is_valid, normalise
+from scr_nb.store.states import NOT_REQUIRED_REASONS
 
 TODAY = date(2025, 3, 31)      # a month end: six months back clamps to 30 September
 SIX_MONTHS = date(2024, 9, 30)

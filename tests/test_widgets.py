@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from scr_nb.widgets import ControlPanel
+from scr_nb.ui.control_panel import ControlPanel
 from tests.conftest import ADMIN
 from tests.test_engine import eligible_numbers, held
 
@@ -44,7 +44,7 @@ def test_log_in_run_ok_and_the_buttons_follow_the_state(practice, tmp_path, spin
 
 
 def test_stop_mid_run_then_resume(practice, tmp_path, spine_factory, admin_session, today):
-    from scr_nb import session as sessions
+    from scr_nb.spine import session as sessions
 
     spine = spine_factory(rate_limit_tps=60, rate_limit_burst=1)
     session_file = tmp_path / "session.json"
@@ -73,7 +73,7 @@ def test_stop_mid_run_then_resume(practice, tmp_path, spine_factory, admin_sessi
 def test_the_control_panel_notebook_runs_under_papermill(practice, tmp_path, spine):
     import papermill
 
-    from scr_nb.scheduled import NOTEBOOK
+    from scr_nb.ui.scheduled import NOTEBOOK
 
     out = tmp_path / "control_panel.ipynb"
     papermill.execute_notebook(str(NOTEBOOK.parent / "control_panel.ipynb"), str(out),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from .errors import RefusedError
+from scr_nb.errors import RefusedError
 
 
 class ScheduleError(RefusedError):

@@ -16,14 +16,14 @@ import threading
 from datetime import date
 from pathlib import Path
 
-from . import session as sessions
-from .engine import JobControl, JobOptions, Progress
-from .errors import ExtractError, RefusedError, ScrNbError
-from .runner import (
+from scr_nb.spine import session as sessions
+from scr_nb.job.engine import JobControl, JobOptions, Progress
+from scr_nb.errors import ExtractError, RefusedError, ScrNbError
+from scr_nb.job.runner import (
     EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_STOPPED, EXIT_USAGE, format_statistics, run_upload,
 )
-from .schedule import Schedule, parse_local
-from .states import Mode
+from scr_nb.job.schedule import Schedule, parse_local
+from scr_nb.store.states import Mode
 
 
 
@@ -38,7 +38,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     Example: scr-nb synth --patients 2000 --seed 7 --out practice/
     """
-    from .synth import write_practice
+    from scr_nb.sim.synth import write_practice
 
     today = date.fromisoformat(args.today) if args.today else None
     summary = write_practice(args.out, args.patients, args.seed, today=today)
@@ -54,8 +54,8 @@ def cmd_spine_sim(args: argparse.Namespace) -> int:
 
     Example: scr-nb spine-sim --host 127.0.0.1 --port 8900 --users users.json --ack-delay-ms 50
     """
-    from .identity import load_users
-    from .simulator import config_from_args, serve
+    from scr_nb.sim.identity import load_users
+    from scr_nb.sim.spine_sim import config_from_args, serve
 
     config = config_from_args(args, load_users(args.users))
     serve(config, args.host, args.port)
@@ -95,9 +95,9 @@ def cmd_eligibility(args: argparse.Namespace) -> int:
 
     Example: scr-nb eligibility --practice practice/ --json
     """
-    from .clock import SystemClock
-    from .eligibility import Policy, decide, summarise
-    from .extract import load_practice
+    from scr_nb.clock import SystemClock
+    from scr_nb.extract.eligibility import Policy, decide, summarise
+    from scr_nb.extract.reader import load_practice
 
     today = SystemClock().today()
     try:
@@ -213,7 +213,7 @@ def cmd_scheduled(args: argparse.Namespace) -> int:
     Example: scr-nb scheduled --practice practice/ --store practice.sqlite \\
                  --spine http://127.0.0.1:8900 --session session.json --mode run --stop-at 2026-11-23T07:00
     """
-    from .scheduled import run_scheduled
+    from scr_nb.ui.scheduled import run_scheduled
 
     absolute = lambda path: str(Path(path).resolve())  # noqa: E731 - the kernel's cwd may differ
     parameters = {
@@ -238,7 +238,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     Example: scr-nb report --store practice.sqlite --out reports/
     """
-    from .report import write_report
+    from scr_nb.reporting.html_report import write_report
 
     if not Path(args.store).exists():
         print(f"scr-nb report: {args.store}: no such store", file=sys.stderr)
@@ -255,7 +255,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     Example: scr-nb status --store practice.sqlite --json
     """
-    from .store import Store
+    from scr_nb.store.practice_store import Store
 
     if not Path(args.store).exists():
         print(f"scr-nb status: {args.store}: no such store", file=sys.stderr)
@@ -283,7 +283,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 
     Example: scr-nb log --store practice.sqlite --json
     """
-    from .practice_log import PracticeLog
+    from scr_nb.store.log import PracticeLog
 
     for record in PracticeLog(args.store).read():
         if args.json:
@@ -297,7 +297,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 # --- the parser -------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from .simulator import add_arguments as add_sim_arguments
+    from scr_nb.sim.spine_sim import add_arguments as add_sim_arguments
 
     parser = argparse.ArgumentParser(prog="scr-nb", description="SCR GP Summary Initial Upload kit")
     sub = parser.add_subparsers(dest="command", required=True)

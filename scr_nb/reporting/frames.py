@@ -22,11 +22,11 @@ from urllib.parse import quote
 
 import pandas as pd
 
-from .constants import category, explain
-from .errors import StoreError
-from .nhs_number import mask
-from .states import NOT_REQUIRED_REASONS, PatientState, counters
-from .store import SCHEMA_VERSION
+from scr_nb.constants import category, explain
+from scr_nb.errors import StoreError
+from scr_nb.extract.nhs_number import mask
+from scr_nb.store.states import NOT_REQUIRED_REASONS, PatientState, counters
+from scr_nb.store.practice_store import SCHEMA_VERSION
 
 StorePath = str | os.PathLike
 Stores = StorePath | Iterable[StorePath]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 
-from .constants import B0062, B0062_TEXT
-from .errors import SessionError
+from scr_nb.constants import B0062, B0062_TEXT
+from scr_nb.errors import SessionError
 
 
 @dataclass(frozen=True)

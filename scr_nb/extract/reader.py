@@ -16,10 +16,10 @@ from datetime import date
 from functools import lru_cache
 from pathlib import Path
 
-from .constants import CONSENT_CODES
-from .errors import ExtractError
-from .nhs_number import normalise
-from .records import Allergy, ConsentEntry, Medication, Patient, Practice
+from scr_nb.constants import CONSENT_CODES
+from scr_nb.errors import ExtractError
+from scr_nb.extract.nhs_number import normalise
+from scr_nb.extract.records import Allergy, ConsentEntry, Medication, Patient, Practice
 
 # file -> required columns. groups.csv is optional (the Patient Group option); the others are
 # required because a missing consent, medication or allergy file would silently send summaries

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import ipywidgets as w
 
-from . import session as sessions
-from .engine import JobControl, JobOptions, Progress, refusal
-from .errors import ScrNbError, StoreError
-from .extract import load_groups
-from .runner import Outcome, format_statistics, run_upload
-from .schedule import Schedule
-from .states import Mode
-from .store import Store
+from scr_nb.spine import session as sessions
+from scr_nb.job.engine import JobControl, JobOptions, Progress, refusal
+from scr_nb.errors import ScrNbError, StoreError
+from scr_nb.extract.reader import load_groups
+from scr_nb.job.runner import Outcome, format_statistics, run_upload
+from scr_nb.job.schedule import Schedule
+from scr_nb.store.states import Mode
+from scr_nb.store.practice_store import Store
 
 MODES = (("Run", Mode.RUN), ("Resume", Mode.RESUME), ("Rerun", Mode.RERUN),
          ("Failed", Mode.FAILED))

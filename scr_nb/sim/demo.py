@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from . import cli
+from scr_nb.ui import cli
 
 DEMO_USER = {"user_id": "555000000001", "passcode": "demo-passcode", "name": "Dr Alex Morgan",
              "role_profile_id": "555000000001A1", "activities": ["B0062", "B0068"],
@@ -34,7 +34,7 @@ def free_port() -> int:
 
 
 def start_simulator(users: Path, port: int, extra: list[str]) -> subprocess.Popen:
-    command = [sys.executable, "-m", "scr_nb.cli", "spine-sim", "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "scr_nb.ui.cli", "spine-sim", "--host", "127.0.0.1",
                "--port", str(port), "--users", str(users), *extra]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
@@ -57,7 +57,7 @@ def step(title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scr_nb.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m scr_nb.sim.demo", description=__doc__)
     parser.add_argument("--patients", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default="reports/demo")

@@ -21,14 +21,14 @@ import ipywidgets as widgets
 import pandas as pd
 from lxml import etree
 
-from . import session as sessions
-from .constants import category, explain
-from .engine import Engine, JobOptions, JobResult
-from .errors import RefusedError, StoreError
-from .mime import Part, parse_related
-from .nhs_number import mask, normalise
-from .states import Mode, PatientState
-from .store import Store
+from scr_nb.spine import session as sessions
+from scr_nb.constants import category, explain
+from scr_nb.job.engine import Engine, JobOptions, JobResult
+from scr_nb.errors import RefusedError, StoreError
+from scr_nb.spine.mime import Part, parse_related
+from scr_nb.extract.nhs_number import mask, normalise
+from scr_nb.store.states import Mode, PatientState
+from scr_nb.store.practice_store import Store
 
 StoreLike = str | Path | Store
 When = date | datetime | str | None

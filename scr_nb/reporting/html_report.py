@@ -24,10 +24,11 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from . import __version__, analytics
-from .constants import category, explain
-from .errors import StoreError
-from .store import Store
+from scr_nb import __version__
+from scr_nb.reporting import frames as analytics
+from scr_nb.constants import category, explain
+from scr_nb.errors import StoreError
+from scr_nb.store.practice_store import Store
 
 NOTHING_TO_SHOW = "Nothing to show yet"
 FAILED_PATIENTS_SHOWN = 200   # the report lists at most this many failed patients

@@ -16,21 +16,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .ack import Ack
-from .clock import SystemClock
-from .constants import MAX_MESSAGE_BYTES
-from .eligibility import Decision, Policy, decide, summarise
-from .errors import ExtractError, RefusedError, SessionExpired, SessionRejected, SpineError
-from .extract import load_practice
-from .lock import StoreLock
-from .message import Author, OutboundMessage, Windows, build_message, new_id, select_content
-from .practice_log import PracticeLog
-from .records import Practice
-from .schedule import Schedule, ScheduleError
-from .session import Session
-from .spine_client import Attempt, RateLimiter, SendHeld, SpineClient, Transmission
-from .states import JobStatus, Mode, PatientState, StopReason, counters
-from .store import Job, Store
+from scr_nb.spine.acks import Ack
+from scr_nb.clock import SystemClock
+from scr_nb.constants import MAX_MESSAGE_BYTES
+from scr_nb.extract.eligibility import Decision, Policy, decide, summarise
+from scr_nb.errors import ExtractError, RefusedError, SessionExpired, SessionRejected, SpineError
+from scr_nb.extract.reader import load_practice
+from scr_nb.store.lock import StoreLock
+from scr_nb.spine.content import Windows, select_content
+from scr_nb.spine.gp_summary import Author, OutboundMessage, build_message, new_id
+from scr_nb.store.log import PracticeLog
+from scr_nb.extract.records import Practice
+from scr_nb.job.schedule import Schedule, ScheduleError
+from scr_nb.spine.session import Session
+from scr_nb.spine.client import Attempt, RateLimiter, SendHeld, SpineClient, Transmission
+from scr_nb.store.states import JobStatus, Mode, PatientState, StopReason, counters
+from scr_nb.store.practice_store import Job, Store
 
 
 # Failures after which the Spine may still hold the message: Failed re-sends these with their

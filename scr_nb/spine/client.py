@@ -18,11 +18,11 @@ from datetime import datetime, timezone
 
 import aiohttp
 
-from .ack import Ack, parse_ack, parse_soap_fault
-from .constants import RETRIABLE_SOAP_FAULTS, SOAP_ACTION
-from .errors import SessionExpired, SessionRejected, SpineError
-from .message import OutboundMessage
-from .session import Session
+from scr_nb.spine.acks import Ack, parse_ack, parse_soap_fault
+from scr_nb.constants import RETRIABLE_SOAP_FAULTS, SOAP_ACTION
+from scr_nb.errors import SessionExpired, SessionRejected, SpineError
+from scr_nb.spine.gp_summary import OutboundMessage
+from scr_nb.spine.session import Session
 
 TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
 

@@ -15,8 +15,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from .errors import RefusedError
-from .store import Store
+from scr_nb.errors import RefusedError
+from scr_nb.store.practice_store import Store
 
 HEARTBEAT_SECONDS = 5.0
 LAPSE_SECONDS = 30.0

@@ -19,17 +19,17 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-from .constants import (
+from scr_nb.constants import (
     CONSENT_DISSENT,
     CONSENT_EXPRESS_ADDITIONAL,
     CONSENT_EXPRESS_CORE,
     CONSENT_IMPLIED,
     TEST_NHS_NUMBER_RANGE,
 )
-from .extract import REQUIRED_COLUMNS
-from .message import months_back
-from .nhs_number import check_digit, is_valid, normalise
-from .states import NOT_REQUIRED_REASONS
+from scr_nb.extract.reader import REQUIRED_COLUMNS
+from scr_nb.spine.content import months_back
+from scr_nb.extract.nhs_number import check_digit, is_valid, normalise
+from scr_nb.store.states import NOT_REQUIRED_REASONS
 
 # The columns of SPEC 3, in the order they are written: the reader's own list.
 COLUMNS = REQUIRED_COLUMNS

@@ -14,12 +14,12 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .engine import JobControl, JobOptions
-from .runner import EXIT_ERROR, Outcome, run_upload
-from .schedule import Schedule, parse_local
-from .states import Mode
+from scr_nb.job.engine import JobControl, JobOptions
+from scr_nb.job.runner import EXIT_ERROR, Outcome, run_upload
+from scr_nb.job.schedule import Schedule, parse_local
+from scr_nb.store.states import Mode
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "scheduled_upload.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "scheduled_upload.ipynb"
 STOP_FILE, CANCEL_FILE = "stop-requested", "cancel-requested"   # left by `scr-nb scheduled` on a signal
 KERNEL = "python3"
 START_TIMEOUT = 120      # seconds for the kernel to start; the upload cell itself has no timeout
@@ -65,7 +65,8 @@ def plot_outcome(store: str):
     monitor notebook): success rate per job, throughput, ack latency, failures by code."""
     import matplotlib.pyplot as plt
 
-    from . import analytics, report
+    from scr_nb.reporting import frames as analytics
+    from scr_nb.reporting import html_report as report
 
     if not store or not Path(store).exists():
         return None

@@ -9,10 +9,10 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-from .constants import CONSENT_DISSENT, LEGACY_CONSENT
-from .nhs_number import is_valid
-from .records import ConsentEntry, Patient, Practice
-from .states import NOT_REQUIRED_REASONS
+from scr_nb.constants import CONSENT_DISSENT, LEGACY_CONSENT
+from scr_nb.extract.nhs_number import is_valid
+from scr_nb.extract.records import ConsentEntry, Patient, Practice
+from scr_nb.store.states import NOT_REQUIRED_REASONS
 
 DISSENT_POLICIES = ("exclude", "blank")
 

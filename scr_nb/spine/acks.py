@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from .constants import PSIS_CODE_MIN_DIGITS
-from .errors import SpineError
-from .mime import parse_related
+from scr_nb.constants import PSIS_CODE_MIN_DIGITS
+from scr_nb.errors import SpineError
+from scr_nb.spine.mime import parse_related
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import StoreError
-from .states import (
+from scr_nb.errors import StoreError
+from scr_nb.store.states import (
     IN_FLIGHT, NOT_REQUIRED_REASONS, PREDECESSORS, JobStatus, PatientState,
     check_job_transition, check_transition, counters,
 )
