@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from scr_nb.spine import session as sessions
-from scr_nb.job.engine import Engine, JobControl, JobOptions
+from scr_nb.job.engine import Engine
+from scr_nb.job.options import JobControl, JobOptions
 from scr_nb.sim.spine_sim import SimConfig, SimulatorThread
 from scr_nb.store.states import Mode
 from scr_nb.store.practice_store import Store

@@ -40,7 +40,8 @@ import aiohttp
 from scr_nb.spine import session as sessions
 from scr_nb.constants import SOAP_ACTION
 from scr_nb.extract.eligibility import Policy, decide
-from scr_nb.job.engine import Engine, JobOptions
+from scr_nb.job.engine import Engine
+from scr_nb.job.options import JobOptions
 from scr_nb.extract.reader import load_practice
 from scr_nb.spine.content import Windows, select_content
 from scr_nb.spine.gp_summary import Author, OutboundMessage, build_message, new_id

@@ -7,10 +7,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from scr_nb.job import engine as engine_module
+from scr_nb.job import pipeline as pipeline_module
 from scr_nb.spine import session as sessions
 from scr_nb.extract.eligibility import Policy, decide
-from scr_nb.job.engine import Engine, JobControl, JobOptions
+from scr_nb.job.engine import Engine
+from scr_nb.job.options import JobControl, JobOptions
 from scr_nb.errors import RefusedError, SessionError
 from scr_nb.extract.reader import load_practice
 from scr_nb.store.log import PracticeLog
@@ -233,7 +234,7 @@ def test_transient_faults_are_retried_until_acknowledged(tmp_path, spine_factory
 
 def test_messages_over_the_size_limit_are_not_sent(tmp_path, spine, admin_session, practice,
                                                    monkeypatch):
-    monkeypatch.setattr(engine_module, "MAX_MESSAGE_BYTES", 1000)
+    monkeypatch.setattr(pipeline_module, "MAX_MESSAGE_BYTES", 1000)
     result = job(tmp_path, admin_session, spine, practice, "run")
     assert result.completed
     assert spine.simulator.stats()["requests"] == 0

@@ -16,7 +16,8 @@ from lxml import etree
 from scr_nb.spine import session as sessions
 from scr_nb.constants import explain
 from scr_nb.extract.eligibility import Policy, decide
-from scr_nb.job.engine import Engine, JobOptions
+from scr_nb.job.engine import Engine
+from scr_nb.job.options import JobOptions
 from scr_nb.errors import RefusedError
 from scr_nb.extract.reader import load_practice
 from scr_nb.ui.support_desk import (

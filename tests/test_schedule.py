@@ -9,7 +9,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from scr_nb.clock import SystemClock
-from scr_nb.job.engine import Engine, JobControl, JobOptions
+from scr_nb.job.engine import Engine
+from scr_nb.job.options import JobControl, JobOptions
 from scr_nb.errors import RefusedError
 from scr_nb.store.log import PracticeLog
 from scr_nb.job.schedule import Schedule, ScheduleError, parse_local

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from scr_nb.spine import session as sessions
 from scr_nb.constants import explain
-from scr_nb.job.engine import Engine, JobControl, JobOptions, Progress
+from scr_nb.job.engine import Engine
+from scr_nb.job.options import JobControl, JobOptions, Progress
 from scr_nb.errors import ExtractError, RefusedError
 from scr_nb.store.practice_store import Store
 

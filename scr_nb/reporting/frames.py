@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from urllib.parse import quote
 
 import pandas as pd
 
 from scr_nb.constants import category, explain
-from scr_nb.errors import StoreError
 from scr_nb.extract.nhs_number import mask
+from scr_nb.store import queries
+from scr_nb.store.practice_store import Store
 from scr_nb.store.states import NOT_REQUIRED_REASONS, PatientState, counters
-from scr_nb.store.practice_store import SCHEMA_VERSION
 
 StorePath = str | os.PathLike
 Stores = StorePath | Iterable[StorePath]
@@ -66,29 +63,6 @@ def practice_labels(paths: list[Path]) -> dict[Path, str]:
     return labels
 
 
-@contextmanager
-def read_only(path: StorePath) -> Iterator[sqlite3.Connection]:
-    """A read-only connection to a store: it never writes, so it can sit beside a running job."""
-    path = Path(path)
-    if not path.is_file():
-        raise StoreError(f"{path}: no such store")
-    uri = f"file:{quote(str(path.resolve()))}?mode=ro"
-    try:
-        db = sqlite3.connect(uri, uri=True, timeout=30)
-    except sqlite3.Error as err:
-        raise StoreError(f"{path}: cannot open the store read-only ({err})") from None
-    try:
-        version = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-        if version is None or version[0] != SCHEMA_VERSION:
-            raise StoreError(f"{path}: store schema {version and version[0]} is not "
-                             f"{SCHEMA_VERSION}; use the scr-nb version that wrote it")
-        yield db
-    except sqlite3.DatabaseError as err:
-        raise StoreError(f"{path}: not a usable scr-nb store ({err})") from None
-    finally:
-        db.close()
-
-
 def _empty(columns: dict[str, str]) -> pd.DataFrame:
     """A frame with no rows and the given columns (after the labels), each of its type."""
     return pd.DataFrame({c: pd.Series(dtype=t)
@@ -99,15 +73,16 @@ def _columns(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
     return frame[_LABELS + list(columns)].reset_index(drop=True)
 
 
-def _collect(stores: Stores, read: Callable[[sqlite3.Connection], pd.DataFrame],
+def _collect(stores: Stores, read: Callable[[Store], pd.DataFrame],
              columns: dict[str, str]) -> pd.DataFrame:
-    """Call ``read(db)`` (a frame) on every store and stack the results with their labels."""
+    """Call ``read(store)`` (a frame) on every store, opened read-only, and stack the results
+    with their labels."""
     paths = store_paths(stores)
     labels = practice_labels(paths)
     frames = []
     for path in paths:
-        with read_only(path) as db:
-            frame = read(db)
+        with queries.reading(path) as store:
+            frame = read(store)
         frame.insert(0, "practice", labels[path])
         frame.insert(0, "store", str(path))
         frames.append(frame)
@@ -117,9 +92,9 @@ def _collect(stores: Stores, read: Callable[[sqlite3.Connection], pd.DataFrame],
     return _columns(pd.concat(frames, ignore_index=True), columns)
 
 
-def _query(db: sqlite3.Connection, sql: str, args: tuple = ()) -> pd.DataFrame:
-    cur = db.execute(sql, args)
-    return pd.DataFrame.from_records(cur.fetchall(), columns=[c[0] for c in cur.description])
+def _frame(table: queries.Table) -> pd.DataFrame:
+    columns, rows = table
+    return pd.DataFrame.from_records(rows, columns=columns)
 
 
 def _utc(values: pd.Series) -> pd.Series:
@@ -143,11 +118,11 @@ def completion(stores: Stores) -> pd.DataFrame:
     """One row per store: Vision's five counters (unprocessed, sending, sent = acknowledged, failed,
     not_required) as ``Store.status()`` gives them, with patients, eligible patients, and
     transmitted (waiting for an ack) beside acknowledged."""
-    def read(db):
+    def read(store):
         states = {s.value: 0 for s in PatientState}
-        states.update(dict(db.execute("SELECT state, COUNT(*) FROM patients GROUP BY state")))
-        eligible = db.execute("SELECT COUNT(*) FROM patients WHERE eligibility IS NULL").fetchone()
-        row = {"patients": sum(states.values()), "eligible": eligible[0], **counters(states),
+        states.update(queries.state_counts(store))
+        row = {"patients": sum(states.values()), "eligible": queries.eligible_count(store),
+               **counters(states),
                "transmitted": states[PatientState.TRANSMITTED.value],
                "acknowledged": states[PatientState.ACKNOWLEDGED.value]}
         return pd.DataFrame([row])
@@ -160,9 +135,8 @@ NOT_REQUIRED_COLUMNS = {"reason": TEXT, "patients": "int64"}
 def not_required(stores: Stores) -> pd.DataFrame:
     """Patients not required, by reason, per store: every reason of SPEC 4 in its order (zeros
     included, as ``Store.status()`` lists them), then any other reason the store holds."""
-    def read(db):
-        found = dict(db.execute("SELECT reason, COUNT(*) FROM patients WHERE state = ? "
-                                "GROUP BY reason", (PatientState.NOT_REQUIRED.value,)))
+    def read(store):
+        found = queries.not_required_counts(store)
         rows = [(r, found.pop(r, 0)) for r in NOT_REQUIRED_REASONS]
         rows += sorted(found.items(), key=lambda item: str(item[0]))
         return pd.DataFrame(rows, columns=list(NOT_REQUIRED_COLUMNS))
@@ -185,17 +159,11 @@ def jobs(stores: Stores) -> pd.DataFrame:
     (``counted_from`` says which). ``success_rate`` is acknowledged / (acknowledged + failed);
     ``acknowledged_of_eligible`` is acknowledged over the eligible patients in the job's scope.
     ``duration_s`` runs to now for a job that has not ended."""
-    def read(db):
-        rows = _query(db, "SELECT id AS job_id, chain_id, mode, group_name AS 'group', status, "
-                          "reason, user_id, user_name, started_at, ended_at, totals FROM jobs "
-                          "ORDER BY id")
+    def read(store):
+        rows = _frame(queries.job_rows(store))
         if rows.empty:
             return rows
-        live = _query(db, "SELECT job_id, SUM(body IS NOT NULL) AS queued, "
-                          "SUM(transmitted_at IS NOT NULL) AS transmitted, "
-                          "SUM(state = 'acknowledged') AS acknowledged, "
-                          "SUM(state = 'failed') AS failed FROM messages GROUP BY job_id")
-        live = live.set_index("job_id").to_dict("index")
+        live = queries.live_job_counts(store)
         records = []
         for row in rows.to_dict("records"):
             totals = json.loads(row.pop("totals") or "{}")
@@ -207,7 +175,7 @@ def jobs(stores: Stores) -> pd.DataFrame:
                 mine = live.get(row["job_id"], {})
                 counts = {k: int(mine.get(k) or 0) for k in JOB_COUNTERS}
                 counts["to_send"] = None    # known only when the job ends
-                eligible, source = _eligible_in_scope(db, row["group"]), "messages"
+                eligible, source = queries.eligible_count(store, row["group"]), "messages"
             chain = row.pop("chain_id")
             records.append({**row, "resumes": chain if chain != row["job_id"] else None,
                             "eligible_in_scope": eligible, **counts, "counted_from": source})
@@ -227,16 +195,6 @@ def jobs(stores: Stores) -> pd.DataFrame:
     return _collect(stores, read, JOB_COLUMNS)
 
 
-def _eligible_in_scope(db: sqlite3.Connection, group: str | None) -> int:
-    if group is None:
-        sql, args = "SELECT COUNT(*) FROM patients WHERE eligibility IS NULL", ()
-    else:
-        sql = ("SELECT COUNT(*) FROM patients WHERE eligibility IS NULL AND patient_id IN "
-               "(SELECT patient_id FROM groups WHERE group_name = ?)")
-        args = (group,)
-    return db.execute(sql, args).fetchone()[0]
-
-
 # --- messages, throughput and ack latency ---------------------------------------------------------
 
 MESSAGE_COLUMNS = {"message_id": TEXT, "job_id": "int64", "patient_id": TEXT, "state": TEXT,
@@ -244,32 +202,12 @@ MESSAGE_COLUMNS = {"message_id": TEXT, "job_id": "int64", "patient_id": TEXT, "s
                    "transmitted_at": TIME, "acked_at": TIME, "acknowledged_at": TIME,
                    "failed_at": TIME, "ack_type": TEXT, "code": TEXT, "current": "bool"}
 
-# acked_at is the time of its ack, of any type; acknowledged_at only for an AA.
-# When a message failed: its error ack; else (ack timeout, retries exhausted, too large) the moment
-# its patient was marked failed while it is still the patient's message; else its last exchange.
-_MESSAGES_SQL = """
-SELECT m.message_id, m.job_id, p.patient_id, m.state, m.size, m.post_attempts,
-       CASE WHEN m.body IS NOT NULL THEN m.created_at END AS queued_at,
-       m.transmitted_at, m.acked_at,
-       CASE WHEN m.state = 'acknowledged' THEN m.acked_at END AS acknowledged_at,
-       CASE WHEN m.state = 'failed' THEN COALESCE(
-           m.acked_at,
-           CASE WHEN p.message_id = m.message_id AND p.state = 'failed' THEN p.updated_at END,
-           (SELECT MAX(a.at) FROM attempts AS a WHERE a.message_id = m.message_id),
-           m.created_at) END AS failed_at,
-       m.ack_type, m.failure_code AS code,
-       COALESCE(p.message_id = m.message_id, 0) AS 'current'
-FROM messages AS m LEFT JOIN patients AS p ON p.pkey = m.pkey
-ORDER BY m.created_at, m.rowid
-"""
-
-
 def messages(stores: Stores) -> pd.DataFrame:
     """One row per message the kit built: its job, state, size and the moments it was queued,
     transmitted, answered by an ack of any type (``acked_at``), acknowledged (AA) or failed.
     ``current`` is true while it is its patient's latest message. No NHS numbers, no content."""
-    def read(db):
-        frame = _query(db, _MESSAGES_SQL)
+    def read(store):
+        frame = _frame(queries.message_rows(store))
         for column in ("queued_at", "transmitted_at", "acked_at", "acknowledged_at", "failed_at"):
             frame[column] = _utc(frame[column])
         frame["current"] = frame["current"].astype(bool)
@@ -345,12 +283,8 @@ FAILURE_COLUMNS = {"patient_id": TEXT, "nhs_number": TEXT, "code": TEXT, "words"
 def failures(stores: Stores, show_nhs: bool = False) -> pd.DataFrame:
     """One row per patient whose latest attempt failed: the failure code in plain words and its
     category, the job and message, and when. NHS numbers masked unless ``show_nhs``."""
-    def read(db):
-        frame = _query(db, """
-            SELECT p.patient_id, p.nhs_number, p.reason AS code, m.job_id, p.message_id,
-                   m.ack_type, COALESCE(m.acked_at, p.updated_at) AS failed_at
-            FROM patients AS p LEFT JOIN messages AS m ON m.message_id = p.message_id
-            WHERE p.state = ? ORDER BY p.source_row""", (PatientState.FAILED.value,))
+    def read(store):
+        frame = _frame(queries.failure_rows(store))
         if not show_nhs:
             frame["nhs_number"] = frame["nhs_number"].map(mask)
         frame["code"] = frame["code"].fillna("").astype(str)
@@ -393,14 +327,10 @@ BY_JOB_COLUMNS = {"job_id": "int64", "mode": TEXT, "code": TEXT, "words": TEXT,
 def failures_by_job(stores: Stores) -> pd.DataFrame:
     """The failures each job met, by code (including those a later job resolved): from the totals
     a job stored when it ended, or from its messages while it runs."""
-    def read(db):
+    def read(store):
         rows = []
-        live: dict[int, dict[str, int]] = {}
-        for job_id, code, n in db.execute(
-                "SELECT job_id, failure_code, COUNT(*) FROM messages WHERE state = 'failed' "
-                "GROUP BY job_id, failure_code"):
-            live.setdefault(job_id, {})[str(code)] = n
-        for job_id, mode, totals in db.execute("SELECT id, mode, totals FROM jobs ORDER BY id"):
+        live, jobs_totals = queries.job_failure_rows(store)
+        for job_id, mode, totals in jobs_totals:
             this_job = json.loads(totals or "{}").get("this_job")
             by_code = this_job.get("failed_by_code", {}) if this_job else live.get(job_id, {})
             for code, n in sorted(by_code.items(), key=lambda item: (-item[1], item[0])):
@@ -412,5 +342,5 @@ def failures_by_job(stores: Stores) -> pd.DataFrame:
 __all__ = [
     "completion", "not_required", "jobs", "messages", "throughput", "ack_latency",
     "ack_latency_percentiles", "failures", "failures_by_code", "failures_by_category",
-    "failures_by_job", "read_only", "store_paths", "practice_labels",
+    "failures_by_job", "store_paths", "practice_labels",
 ]

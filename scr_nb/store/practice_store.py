@@ -19,96 +19,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from scr_nb.errors import StoreError
+from scr_nb.store.schema import open_readonly, open_writable
 from scr_nb.store.states import (
     IN_FLIGHT, NOT_REQUIRED_REASONS, PREDECESSORS, JobStatus, PatientState,
     check_job_transition, check_transition, counters,
 )
 
-SCHEMA_VERSION = "1"
-NOT_IN_EXTRACT = "not_in_extract"
+NOT_IN_EXTRACT = "not_in_extract"   # a patient the store knows but the latest extract does not
 _IN_FLIGHT_SQL = ", ".join(sorted(f"'{state.value}'" for state in IN_FLIGHT))
-MAX_DEFERRED = 500                  # deferred moves written at the latest with the 500th   # a patient the store knows but the latest extract does not
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS patients (
-    pkey TEXT PRIMARY KEY,
-    patient_id TEXT NOT NULL,
-    nhs_number TEXT NOT NULL,
-    source_row INTEGER NOT NULL,
-    eligibility TEXT,
-    dissent INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL,
-    reason TEXT,
-    message_id TEXT,
-    chain_id INTEGER,
-    ack_event_id TEXT,
-    ack_message_id TEXT,
-    updated_at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS patients_state ON patients (state);
-CREATE INDEX IF NOT EXISTS patients_patient_id ON patients (patient_id);
-CREATE TABLE IF NOT EXISTS messages (
-    message_id TEXT PRIMARY KEY,
-    pkey TEXT NOT NULL,
-    job_id INTEGER NOT NULL,
-    event_id TEXT NOT NULL,
-    prior_event_id TEXT,
-    created_at TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    content_type TEXT,
-    body BLOB,
-    state TEXT NOT NULL,
-    poll_url TEXT,
-    post_attempts INTEGER NOT NULL DEFAULT 0,
-    transmitted_at TEXT,
-    acked_at TEXT,
-    ack_type TEXT,
-    ack_codes TEXT,
-    failure_code TEXT,
-    ack_body BLOB
-);
-CREATE INDEX IF NOT EXISTS messages_pkey ON messages (pkey);
-CREATE TABLE IF NOT EXISTS attempts (
-    id INTEGER PRIMARY KEY,
-    message_id TEXT NOT NULL,
-    at TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    http_status INTEGER,
-    detail TEXT
-);
-CREATE INDEX IF NOT EXISTS attempts_message ON attempts (message_id);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
-    chain_id INTEGER,
-    mode TEXT NOT NULL,
-    chain_mode TEXT NOT NULL,
-    group_name TEXT,
-    status TEXT NOT NULL,
-    reason TEXT,
-    user_id TEXT,
-    user_name TEXT,
-    started_at TEXT NOT NULL,
-    ended_at TEXT,
-    settings TEXT,
-    totals TEXT
-);
-CREATE TABLE IF NOT EXISTS groups (
-    group_name TEXT NOT NULL,
-    patient_id TEXT NOT NULL,
-    source TEXT NOT NULL,
-    PRIMARY KEY (group_name, patient_id)
-);
-CREATE TABLE IF NOT EXISTS job_lock (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    user_id TEXT NOT NULL,
-    user_name TEXT NOT NULL,
-    host TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    since TEXT NOT NULL,
-    heartbeat REAL NOT NULL,
-    token TEXT NOT NULL
-);
-"""
+MAX_DEFERRED = 500                  # deferred moves written at the latest with the 500th
 
 
 def now_iso() -> str:
@@ -150,14 +69,6 @@ class StoredMessage:
     failure_code: str | None
 
 
-def _create_private(path: Path) -> None:
-    """Create the database file readable by its owner only: it holds patient data."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    os.chmod(path, 0o600)
-
-
 class Store:
     """One practice's store. ``readonly=True`` opens it for reading alongside a running job
     (status, the control panel, reports): no schema work, no writes, no waiting on the writer."""
@@ -167,47 +78,7 @@ class Store:
         self.readonly = readonly
         self._attempts: list[tuple] = []
         self._moves: list[tuple] = []   # deferred message moves, written by the next transaction
-        if readonly:
-            if not self.path.is_file():
-                raise StoreError(f"{self.path}: no such store")
-            try:
-                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
-                                          isolation_level=None, check_same_thread=False,
-                                          timeout=30)
-                self.db.execute("SELECT 1 FROM meta LIMIT 1")
-            except sqlite3.Error as err:
-                raise StoreError(f"{self.path}: not a usable scr-nb store ({err})") from None
-            return
-        _create_private(self.path)
-        try:
-            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                      timeout=30)
-            if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            version = self._schema_version()
-            if version is None:
-                self.db.executescript(SCHEMA)
-                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
-                                (SCHEMA_VERSION,))
-                version = self._schema_version()
-        except sqlite3.DatabaseError as err:
-            raise StoreError(f"{self.path}: not a usable scr-nb store ({err})") from None
-        if version != SCHEMA_VERSION:
-            raise StoreError(f"{self.path}: store schema {version} is not {SCHEMA_VERSION}; "
-                             "use the scr-nb version that wrote it")
-        for suffix in ("-wal", "-shm"):
-            side = Path(str(self.path) + suffix)
-            if side.exists():
-                os.chmod(side, 0o600)
-
-    def _schema_version(self) -> str | None:
-        try:
-            row = self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-        except sqlite3.OperationalError:   # no meta table: a new store
-            return None
-        return row[0] if row else None
+        self.db = open_readonly(self.path) if readonly else open_writable(self.path)
 
     def close(self) -> None:
         if not self.readonly:

@@ -17,7 +17,7 @@ from datetime import date
 from pathlib import Path
 
 from scr_nb.spine import session as sessions
-from scr_nb.job.engine import JobControl, JobOptions, Progress
+from scr_nb.job.options import JobControl, JobOptions, Progress
 from scr_nb.errors import ExtractError, RefusedError, ScrNbError
 from scr_nb.job.runner import (
     EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_STOPPED, EXIT_USAGE, format_statistics, run_upload,

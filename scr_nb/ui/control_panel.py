@@ -17,7 +17,8 @@ from pathlib import Path
 import ipywidgets as w
 
 from scr_nb.spine import session as sessions
-from scr_nb.job.engine import JobControl, JobOptions, Progress, refusal
+from scr_nb.job.modes import refusal
+from scr_nb.job.options import JobControl, JobOptions, Progress
 from scr_nb.errors import ScrNbError, StoreError
 from scr_nb.extract.reader import load_groups
 from scr_nb.job.runner import Outcome, format_statistics, run_upload

@@ -14,7 +14,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from scr_nb.job.engine import JobControl, JobOptions
+from scr_nb.job.options import JobControl, JobOptions
 from scr_nb.job.runner import EXIT_ERROR, Outcome, run_upload
 from scr_nb.job.schedule import Schedule, parse_local
 from scr_nb.store.states import Mode

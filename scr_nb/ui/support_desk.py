@@ -9,13 +9,10 @@ practice's store while its upload runs is safe. Only ``mark_resolved`` (a kit gr
 from __future__ import annotations
 
 import re
-import sqlite3
-import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
-from urllib.parse import quote
 
 import ipywidgets as widgets
 import pandas as pd
@@ -23,14 +20,16 @@ from lxml import etree
 
 from scr_nb.spine import session as sessions
 from scr_nb.constants import category, explain
-from scr_nb.job.engine import Engine, JobOptions, JobResult
+from scr_nb.job.engine import Engine
+from scr_nb.job.options import JobOptions, JobResult
 from scr_nb.errors import RefusedError, StoreError
 from scr_nb.spine.mime import Part, parse_related
 from scr_nb.extract.nhs_number import mask, normalise
 from scr_nb.store.states import Mode, PatientState
+from scr_nb.store import queries
 from scr_nb.store.practice_store import Store
 
-StoreLike = str | Path | Store
+StoreLike = queries.StoreLike
 When = date | datetime | str | None
 
 FAILED_COLUMNS = ["pkey", "patient_id", "nhs_number", "failure_code", "explanation", "category",
@@ -47,35 +46,8 @@ _START = re.compile(r'start\s*=\s*"?<?([^">;]+)>?"?', re.IGNORECASE)
 # --- reading the store ----------------------------------------------------------------------------
 
 @contextmanager
-def _reading(store: StoreLike) -> Iterator[sqlite3.Connection]:
-    """A connection to read ``store`` through: the Store's own (its deferred writes flushed first),
-    or a read-only one to the file, which must already be an scr-nb store."""
-    if isinstance(store, Store):
-        store.flush()
-        yield store.db
-        return
-    if not str(store):
-        raise StoreError("no store given: set it to the practice's store file (the one "
-                         "scr-nb upload --store wrote)")
-    path = Path(store)
-    if not path.is_file():
-        raise StoreError(f"no store at {path}: give the practice's store file (the one "
-                         "scr-nb upload --store wrote)")
-    db = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=30)
-    try:
-        try:
-            db.execute("SELECT 1 FROM patients LIMIT 1")
-        except sqlite3.DatabaseError as err:
-            raise StoreError(f"{path}: not an scr-nb store ({err})") from None
-        yield db
-    finally:
-        db.close()
-
-
-@contextmanager
 def _writing(store: StoreLike) -> Iterator[Store]:
-    """The Store to write through; one given by path (checked by ``_reading`` first) is closed
-    after."""
+    """The Store to write through; one given by path is closed after."""
     if isinstance(store, Store):
         yield store
         return
@@ -86,9 +58,9 @@ def _writing(store: StoreLike) -> Iterator[Store]:
         opened.close()
 
 
-def _frame(db: sqlite3.Connection, sql: str, args: Iterable[object] = ()) -> pd.DataFrame:
-    cur = db.execute(sql, tuple(args))
-    return pd.DataFrame(cur.fetchall(), columns=[c[0] for c in cur.description])
+def _frame(table: queries.Table) -> pd.DataFrame:
+    columns, rows = table
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _times(column: pd.Series) -> pd.Series:
@@ -114,7 +86,7 @@ def _bound(value: When, end: bool) -> tuple[pd.Timestamp, bool] | None:
 def nothing_to_investigate(store: str | Path | None) -> str | None:
     """Why there is nothing to look at (no store given, no such file, not a store), or None."""
     try:
-        with _reading(store or ""):
+        with queries.reading(store or ""):
             return None
     except StoreError as err:
         return f"Nothing to investigate: {err}."
@@ -122,9 +94,8 @@ def nothing_to_investigate(store: str | Path | None) -> str | None:
 
 def failure_codes(store: StoreLike) -> dict[str, int]:
     """Failure code -> failed patients, most frequent first (the code filter's choices)."""
-    with _reading(store) as db:
-        return dict(db.execute("SELECT reason, COUNT(*) FROM patients WHERE state = 'failed' "
-                               "GROUP BY reason ORDER BY COUNT(*) DESC, reason"))
+    with queries.reading(store) as reader:
+        return queries.failure_codes(reader)
 
 
 def overview(store: StoreLike) -> str:
@@ -138,14 +109,10 @@ def overview(store: StoreLike) -> str:
     return "\n".join(lines)
 
 
-def _group_names(db: sqlite3.Connection) -> list[str]:
-    return [r[0] for r in db.execute("SELECT DISTINCT group_name FROM groups ORDER BY group_name")]
-
-
 def group_names(store: StoreLike) -> list[str]:
     """The Patient Groups of the extract and of the kit (e.g. the ones support made)."""
-    with _reading(store) as db:
-        return _group_names(db)
+    with queries.reading(store) as reader:
+        return reader.group_names()
 
 
 def failed_patients(store: StoreLike, code: str | None = None, since: When = None,
@@ -156,27 +123,13 @@ def failed_patients(store: StoreLike, code: str | None = None, since: When = Non
     ``since``/``until`` bound the time of failure (dates are whole local days); ``job_id`` is the
     job that sent the failed message; ``group`` a Patient Group of the extract or the kit. Support
     sees NHS numbers in full unless ``show_nhs`` is False."""
-    where, args = ["p.state = 'failed'"], []
-    if code:
-        where.append("p.reason = ?")
-        args.append(str(code))
-    if job_id is not None:
-        where.append("m.job_id = ?")
-        args.append(int(job_id))
-    with _reading(store) as db:
+    with queries.reading(store) as reader:
         if group:
-            names = _group_names(db)
+            names = reader.group_names()
             if group not in names:
                 raise ValueError(f"there is no Patient Group called {group!r} "
                                  f"(groups: {', '.join(names) or 'none'})")
-            where.append("p.patient_id IN (SELECT patient_id FROM groups WHERE group_name = ?)")
-            args.append(group)
-        frame = _frame(db, f"""
-            SELECT p.pkey, p.patient_id, p.nhs_number, p.reason AS failure_code,
-                   COALESCE(m.acked_at, p.updated_at) AS failed_at, m.job_id, p.message_id,
-                   m.ack_codes, p.source_row
-            FROM patients AS p LEFT JOIN messages AS m ON m.message_id = p.message_id
-            WHERE {' AND '.join(where)} ORDER BY p.source_row, p.pkey""", args)
+        frame = _frame(queries.failed_patient_rows(reader, code, job_id, group))
     frame["failed_at"] = _times(frame["failed_at"])
     frame["job_id"] = frame["job_id"].astype("Int64")
     for bound, end in ((_bound(since, False), False), (_bound(until, True), True)):
@@ -197,35 +150,25 @@ def failed_patients(store: StoreLike, code: str | None = None, since: When = Non
 def find_patient(store: StoreLike, who: str | None = None) -> str | None:
     """The store key of a patient named by key, patient id or NHS number; with no name, the first
     failed patient in extract order (None when nobody failed)."""
-    with _reading(store) as db:
+    with queries.reading(store) as reader:
         if who is None or str(who).strip() == "":
-            row = db.execute("SELECT pkey FROM patients WHERE state = 'failed' "
-                             "ORDER BY source_row, pkey LIMIT 1").fetchone()
-            return row[0] if row else None
+            return queries.first_failed_patient(reader)
         who = str(who).strip()
-        row = db.execute("SELECT pkey FROM patients WHERE pkey = ? OR patient_id = ? "
-                         "OR nhs_number = ? ORDER BY pkey != ?, source_row LIMIT 1",
-                         (who, who, normalise(who), who)).fetchone()
-    if row is None:
+        found = queries.find_patient(reader, who, normalise(who))
+    if found is None:
         raise ValueError(f"no patient {who!r} in the store (give a patient id, a store key or "
                          "an NHS number)")
-    return row[0]
+    return found
 
 
 def timeline(store: StoreLike, pkey: str) -> pd.DataFrame:
     """Every message sent for one patient, oldest first, with each HTTP exchange it took: when, a
     POST or a poll, the HTTP status, what came back, and the ack's type and codes on the poll that
     brought the ack. A message no request went out for (e.g. over the size limit) has one row."""
-    with _reading(store) as db:
-        if db.execute("SELECT 1 FROM patients WHERE pkey = ?", (pkey,)).fetchone() is None:
+    with queries.reading(store) as reader:
+        if not queries.has_patient(reader, pkey):
             raise ValueError(f"no patient with store key {pkey!r}")
-        frame = _frame(db, """
-            SELECT m.message_id, m.job_id, m.event_id AS gp_summary_id,
-                   m.prior_event_id AS replaces_summary_id, m.created_at, a.at AS time, a.kind,
-                   a.http_status, a.detail, m.ack_type, m.ack_codes, m.state AS message_state,
-                   m.failure_code
-            FROM messages AS m LEFT JOIN attempts AS a ON a.message_id = m.message_id
-            WHERE m.pkey = ? ORDER BY m.created_at, m.rowid, a.at, a.id""", (pkey,))
+        frame = _frame(queries.timeline_rows(reader, pkey))
     frame["created_at"] = _times(frame["created_at"])
     frame["time"] = _times(frame["time"])
     brought_ack = (frame["kind"] == "poll") & (frame["http_status"] == 200)
@@ -239,10 +182,8 @@ def timeline(store: StoreLike, pkey: str) -> pd.DataFrame:
 def last_sent_message(store: StoreLike, pkey: str) -> str | None:
     """The newest message of the patient whose text was kept (None when none was: a message over
     the size limit is never kept or sent)."""
-    with _reading(store) as db:
-        row = db.execute("SELECT message_id FROM messages WHERE pkey = ? AND body IS NOT NULL "
-                         "ORDER BY created_at DESC, rowid DESC LIMIT 1", (pkey,)).fetchone()
-    return row[0] if row else None
+    with queries.reading(store) as reader:
+        return queries.last_kept_message(reader, pkey)
 
 
 # --- the XML --------------------------------------------------------------------------------------
@@ -276,15 +217,15 @@ def _split(body: bytes, content_type: str | None) -> tuple[Part | None, Part]:
 
 
 def _message_body(store: StoreLike, message_id: str) -> tuple[bytes, str]:
-    with _reading(store) as db:
-        row = db.execute("SELECT body, content_type, failure_code FROM messages "
-                         "WHERE message_id = ?", (message_id,)).fetchone()
-    if row is None:
+    with queries.reading(store) as reader:
+        found = queries.message_text(reader, message_id)
+    if found is None:
         raise ValueError(f"no message {message_id} in the store")
-    if row[0] is None:
+    body, content_type, failure_code = found
+    if body is None:
         raise ValueError(f"the text of message {message_id} was not kept: the kit did not send it "
-                         f"({row[2]}: {explain(row[2] or '')})")
-    return zlib.decompress(row[0]), row[1] or ""
+                         f"({failure_code}: {explain(failure_code or '')})")
+    return body, content_type
 
 
 def message_xml(store: StoreLike, message_id: str) -> str:
@@ -304,12 +245,10 @@ def ack_xml(store: StoreLike, message_id: str) -> str | None:
 
     None when no ack body was kept: AA acks are not kept (every AA says the same, and the store
     records its type), and a message that timed out or was never sent has none."""
-    with _reading(store) as db:
-        row = db.execute("SELECT ack_body FROM messages WHERE message_id = ?",
-                         (message_id,)).fetchone()
-    if row is None:
+    with queries.reading(store) as reader:
+        body = queries.ack_text(reader, message_id)
+    if body is None:
         raise ValueError(f"no message {message_id} in the store")
-    body = zlib.decompress(row[0]) if row[0] is not None else b""
     if not body.strip():
         return None
     _, payload = _split(body, None)
@@ -326,14 +265,8 @@ def mark_resolved(store: StoreLike, patient_ids: Iterable[str], group_name: str)
     ids = list(dict.fromkeys(str(p) for p in patient_ids))
     if not group_name or not str(group_name).strip():
         raise ValueError("give the group a name, e.g. 'Resolved by support'")
-    with _reading(store) as db:
-        states: dict[str, set[str]] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            for pid, state in db.execute(
-                    f"SELECT patient_id, state FROM patients WHERE patient_id IN "
-                    f"({', '.join('?' * len(chunk))})", chunk):
-                states.setdefault(pid, set()).add(state)
+    with queries.reading(store) as reader:
+        states = queries.patient_states(reader, ids)
     wrong = [f"{pid} ({', '.join(sorted(states[pid])) if pid in states else 'not in this store'})"
              for pid in ids if PatientState.FAILED.value not in states.get(pid, set())]
     if wrong:

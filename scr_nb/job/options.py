@@ -1,0 +1,138 @@
+"""What a job is asked to do (``JobOptions``), how it reports (``Progress``), how it ends
+(``JobResult``) and how it is asked to stop (``JobControl``): the objects the CLI, the control panel,
+the scheduled notebook and the support desk hand to the runner and read back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from scr_nb.job.schedule import Schedule
+from scr_nb.store.practice_store import Job
+from scr_nb.store.states import JobStatus, Mode, StopReason
+
+
+def describe_duration(seconds: float) -> str:
+    """Seconds as an administrator reads them: "45 s", "12 min", "3 h 05 min"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    mode: Mode
+    group: str | None = None
+    concurrency: int = 8
+    rate_limit: float | None = None          # messages a second, None: no limit
+    ack_timeout: float = 600.0               # seconds from 202 to the ack
+    dissent: str = "exclude"                 # exclude | blank
+    skip_acknowledged: bool = False          # rerun only
+    update_existing_after_days: int | None = None
+    retry_window: float = 600.0              # seconds of transient failures before giving up
+    sender_asid: str = "200000000001"
+    receiver_asid: str = "990101234567"
+    practice_ods: str = "A12345"
+    practice_name: str = "scr-nb demonstration practice"
+    schedule: Schedule = Schedule()
+
+    def settings(self) -> dict:
+        data = asdict(self)
+        data["mode"] = self.mode.value
+        data["schedule"] = self.schedule.to_json()
+        return data
+
+
+@dataclass
+class Progress:
+    """One snapshot of a running job: the numbers the CLI bar, the widgets and reports show."""
+
+    job_id: int = 0
+    mode: str = ""
+    group: str | None = None
+    status: str = "running"
+    patients_in_scope: int = 0
+    checked: int = 0                 # patients checked for eligibility
+    eligible: int = 0
+    to_send: int = 0                 # messages this job has to get acknowledged
+    queued: int = 0                  # messages sent to the outbound queue
+    transmitted: int = 0
+    acknowledged: int = 0
+    failed: int = 0
+    failed_by_code: dict[str, int] = field(default_factory=dict)
+    elapsed: float = 0.0
+    session_expires_at: str | None = None
+    session_seconds_left: float | None = None
+    schedule: dict = field(default_factory=dict)
+    waiting: bool = False            # before the scheduled start
+    paused: bool = False             # inside a scheduled pause
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> int:
+        return self.acknowledged + self.failed
+
+    @property
+    def rate(self) -> float:
+        """Messages finished (acknowledged or failed) a second."""
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def average_seconds_per_patient(self) -> float | None:
+        return self.elapsed / self.done if self.done else None
+
+    @property
+    def eta_seconds(self) -> float | None:
+        remaining = self.to_send - self.done
+        if remaining <= 0:
+            return 0.0
+        return remaining / self.rate if self.rate > 0 else None
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.update(rate=round(self.rate, 3), eta_seconds=self.eta_seconds,
+                    average_seconds_per_patient=self.average_seconds_per_patient)
+        return data
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job: Job
+    progress: Progress
+    statistics: dict
+
+    @property
+    def completed(self) -> bool:
+        return self.job.status == JobStatus.COMPLETED.value
+
+
+class JobControl:
+    """Asks a running job to stop. Stop -> paused; Stop and Close -> stopped; Cancel -> cancelled.
+
+    Safe to call from another thread (the CLI's signal handler, a widget's button): the engine
+    reads the request before it takes each patient and before each send."""
+
+    def __init__(self) -> None:
+        self.requested: JobStatus | None = None
+        self.reason: StopReason | None = None
+
+    def request(self, status: JobStatus, reason: StopReason) -> None:
+        if self.requested is None or status == JobStatus.CANCELLED:
+            self.requested, self.reason = status, reason
+
+    def stop(self) -> None:
+        self.request(JobStatus.PAUSED, StopReason.USER_STOP)
+
+    def stop_and_close(self) -> None:
+        self.request(JobStatus.STOPPED, StopReason.USER_STOP)
+
+    def cancel(self) -> None:
+        self.request(JobStatus.CANCELLED, StopReason.USER_CANCEL)
+
+    @property
+    def stopping(self) -> bool:
+        return self.requested is not None
+
+
+__all__ = ["JobControl", "JobOptions", "JobResult", "Progress", "describe_duration"]

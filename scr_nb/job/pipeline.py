@@ -1,0 +1,497 @@
+"""The send and track pipeline of one job (SPEC 8, 6): plan the work, build messages a batch at a
+time (ids committed before sending), POST them with a bounded number in flight, poll each for its
+ack, and keep every state change in the store; the watcher's decisions are carried out here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from scr_nb.constants import MAX_MESSAGE_BYTES
+from scr_nb.errors import SessionExpired, SessionRejected, SpineError
+from scr_nb.extract.eligibility import Decision
+from scr_nb.extract.records import Practice
+from scr_nb.job.options import JobOptions, Progress, describe_duration
+from scr_nb.job.watcher import Phase, Step, next_step, sending_allowed, starts_waiting
+from scr_nb.spine.acks import Ack
+from scr_nb.spine.client import Attempt, RateLimiter, SendHeld, Transmission
+from scr_nb.spine.content import Windows, select_content
+from scr_nb.spine.gp_summary import Author, OutboundMessage, build_message, new_id
+from scr_nb.store.practice_store import Job
+from scr_nb.store.states import JobStatus, Mode, PatientState, StopReason, counters
+
+if TYPE_CHECKING:
+    from scr_nb.job.engine import Engine
+
+# Failures after which the Spine may still hold the message: Failed re-sends these with their
+# original id (SPEC 8 names ack_timeout; a send whose transient failures never cleared is as
+# uncertain, since a timed-out POST may have been taken), and rebuilds every other failure.
+UNCERTAIN_FAILURES = frozenset({"ack_timeout", "retries_exhausted"})
+FLUSH_SECONDS = 0.25
+WATCH_SECONDS = 0.1       # how often the schedule and the session are checked against the clock
+
+
+@dataclass
+class Work:
+    pkey: str
+    message_id: str
+    event_id: str                            # the GP Summary id the Spine will hold
+    message: OutboundMessage | None = None   # set when it has to be (re)sent
+    poll_url: str | None = None              # set when it only has to be polled
+
+
+class Pipeline:
+    """The moving parts of one job; lives as long as the job runs."""
+
+    def __init__(self, engine: "Engine", options: JobOptions, job: Job, chain_mode: str,
+                 practice: Practice, decisions: dict[str, Decision], progress: Progress):
+        self.engine, self.options, self.job, self.chain_mode = engine, options, job, chain_mode
+        self.store, self.clock, self.control = engine.store, engine.clock, engine.control
+        self.practice, self.decisions, self.progress = practice, decisions, progress
+        self.author = Author(user_id=engine.session.user_id, name=engine.session.name,
+                             role_profile_id=engine.session.role_profile_id,
+                             sender_asid=options.sender_asid,
+                             receiver_asid=options.receiver_asid,
+                             practice_ods=options.practice_ods,
+                             practice_name=options.practice_name)
+        self.windows = Windows(today=self.clock.today())
+        self.started = self.clock.monotonic()
+        self.stop_reason: StopReason | None = None
+        self.stop_status: JobStatus | None = None
+        self.trackers: set[asyncio.Task] = set()
+        self.tracker_errors: list[BaseException] = []
+        self.last_report = 0.0
+        self.gate = asyncio.Event()      # open: sending may go on (closed before the start and
+        self.gate.set()                  # inside a scheduled pause)
+        self.phase = Phase()
+        self.control_logged = False
+        self.produced_all = False
+
+    # --- bookkeeping --------------------------------------------------------------------------
+
+    def report(self, force: bool = False) -> None:
+        now = self.clock.monotonic()
+        self.progress.elapsed = now - self.started
+        if self.engine.on_progress and (force or now - self.last_report >= 0.2):
+            self.last_report = now
+            self.engine.on_progress(self.progress)
+
+    def record_attempt(self, attempt: Attempt) -> None:
+        if attempt.message_id:
+            self.store.record_attempt(attempt.message_id, attempt.kind, attempt.status,
+                                      attempt.detail)
+
+    def statistics(self) -> dict:
+        """Completion statistics (SPEC 8)."""
+        store = self.store
+        states = store.state_counts()
+        elapsed = self.clock.monotonic() - self.started
+        done = self.progress.done
+        return {
+            "job_id": self.job.id,
+            "mode": self.job.mode,
+            "group": self.job.group,
+            "qualifying_patients": self.progress.eligible,
+            "patients_in_scope": self.progress.patients_in_scope,
+            "counters": counters(states),
+            "states": states,
+            "not_required_by_reason": store.not_required_by_reason(),
+            "failed_by_code": store.failed_by_code(),
+            "this_job": {"to_send": self.progress.to_send, "queued": self.progress.queued,
+                         "transmitted": self.progress.transmitted,
+                         "acknowledged": self.progress.acknowledged,
+                         "failed": self.progress.failed,
+                         "failed_by_code": dict(self.progress.failed_by_code)},
+            "elapsed_seconds": round(elapsed, 3),
+            "average_seconds_per_patient": round(elapsed / done, 4) if done else None,
+            "rate_per_second": round(done / elapsed, 3) if elapsed > 0 else 0.0,
+        }
+
+    def failed(self, message_id: str, code: str, ack: Ack | None = None,
+               ack_body: bytes | None = None) -> None:
+        self.store.mark_failed(message_id, code, ack.type_code if ack else None,
+                               ack.codes if ack else (), ack_body)
+        self.progress.failed += 1
+        self.progress.failed_by_code[code] = self.progress.failed_by_code.get(code, 0) + 1
+        self.report()
+
+    def session_lost(self, err: Exception) -> None:
+        if self.stop_reason is None:
+            self.stop_status, self.stop_reason = JobStatus.STOPPED, StopReason.SESSION_EXPIRED
+            self.engine.log.write("session_expired", job_id=self.job.id,
+                                  user_id=self.engine.session.user_id, detail=str(err))
+
+    @property
+    def halted(self) -> bool:
+        return self.stop_reason is not None or self.control.stopping
+
+    # --- work -----------------------------------------------------------------------------------
+
+    def build_batch(self, items: list[str | Work]) -> list[Work]:
+        """Build new messages for the patients among ``items`` and store them all in one
+        transaction (ids committed before anything is sent); in-flight work passes through."""
+        works: list[Work] = []
+        fresh: list[tuple[str, str, str, str | None, str, bytes]] = []
+        for item in items:
+            if isinstance(item, Work):
+                works.append(item)
+                continue
+            built = self.build(item)
+            if built is None:
+                continue
+            message, prior = built
+            fresh.append((item, message.message_id, message.event_id, prior,
+                          message.content_type, message.body))
+            works.append(Work(item, message.message_id, message.event_id, message=message))
+        if fresh:
+            self.store.queue_messages(self.job.id, self.job.chain_id, fresh)
+        return works
+
+    def build(self, pkey: str) -> tuple[OutboundMessage, str | None] | None:
+        """Build a new message for one patient, with the summary it replaces; None when it
+        cannot be sent (a message over the size limit fails the patient here)."""
+        decision = self.decisions.get(pkey)
+        if decision is None or not decision.eligible:
+            return None   # no longer in the extract or no longer eligible: sync made it so
+        patient = decision.patient
+        content = select_content(self.practice.medications.get(patient.patient_id, ()),
+                                 self.practice.allergies.get(patient.patient_id, ()),
+                                 self.windows)
+        prior = self.store.patient(pkey)["ack_event_id"]
+        message = build_message(patient, content, author=self.author, message_id=new_id(),
+                                event_id=new_id(), created=self.clock.now(),
+                                prior_event_id=prior, dissent=decision.dissent)
+        if message.size > MAX_MESSAGE_BYTES:
+            self.store.fail_unsent(pkey, self.job.id, self.job.chain_id, message.message_id,
+                                   message.event_id, message.size, "message_too_large")
+            self.progress.failed += 1
+            self.progress.failed_by_code["message_too_large"] = \
+                self.progress.failed_by_code.get("message_too_large", 0) + 1
+            return None
+        return message, prior
+
+    def stored(self, message_id: str) -> OutboundMessage | None:
+        kept = self.store.message(message_id)
+        if kept is None or not kept.body:
+            return None
+        nhs = self.store.patient(kept.pkey)["nhs_number"]
+        return OutboundMessage(message_id=kept.message_id, event_id=kept.event_id,
+                               nhs_number=nhs, content_type=kept.content_type, body=kept.body)
+
+    def plan(self) -> list[str | Work]:
+        """In-flight patients first (finished with their original id), then the mode's work."""
+        plan: list[str | Work] = []
+        for pkey, message_id in self.store.in_flight(self.job.group):
+            kept = self.store.message(message_id)
+            if kept is None:
+                continue
+            if kept.state == PatientState.TRANSMITTED.value and kept.poll_url:
+                plan.append(Work(pkey, kept.message_id, kept.event_id, poll_url=kept.poll_url))
+            else:
+                plan.append(Work(pkey, kept.message_id, kept.event_id,
+                                  message=self.stored(message_id)))
+        for pkey in self.store.select_work(self.chain_mode, self.job.chain_id, self.job.group,
+                                           self.options.skip_acknowledged):
+            if self.chain_mode in (Mode.FAILED.value, Mode.RERUN.value):
+                row = self.store.patient(pkey)
+                kept = self.store.message(row["message_id"]) if row["message_id"] else None
+                if kept is not None and kept.failure_code in UNCERTAIN_FAILURES and kept.body:
+                    # The Spine may hold it: same id, and duplicate elimination answers.
+                    self.store.requeue(pkey, kept.message_id, self.job.id, self.job.chain_id)
+                    plan.append(Work(pkey, kept.message_id, kept.event_id,
+                                      message=self.stored(kept.message_id)))
+                    continue
+            plan.append(pkey)
+        return plan
+
+    async def execute(self) -> tuple[JobStatus, StopReason | None]:
+        plan = self.plan()
+        self.progress.to_send = len(plan)
+        self.report(force=True)
+        limiter = RateLimiter(self.options.rate_limit, clock=self.clock.monotonic,
+                              sleep=self.clock.sleep) if self.options.rate_limit else None
+        client = self.engine.client_factory(
+            self.engine.spine_url, self.engine.session, asid=self.options.sender_asid,
+            rate_limiter=limiter, concurrency=self.options.concurrency,
+            retry_window=self.options.retry_window, now=self.clock.now,
+            monotonic=self.clock.monotonic, sleep=self.clock.sleep,
+            on_attempt=self.record_attempt, may_send=self.may_send)
+        self.client = client
+        queue: asyncio.Queue = asyncio.Queue(maxsize=self.options.concurrency * 2)
+        self.warn_if_too_slow(len(plan))
+        self.phase = starts_waiting(self.clock.now(), self.options.schedule)
+        if self.phase.waiting:
+            self.gate.clear()
+            self.progress.waiting = True
+        watcher = asyncio.create_task(self.watch())
+        producer = asyncio.create_task(self.produce(plan, queue))
+        flusher = asyncio.create_task(self.flush_now_and_then())
+        senders = [asyncio.create_task(self.send_loop(queue))
+                   for _ in range(self.options.concurrency)]
+        try:
+            await self.supervise(producer, senders, queue, [watcher, flusher])
+            # Acks of transmitted messages are tracked to the end, whatever stopped the sending,
+            # except after Cancel: those stay transmitted and Resume polls them.
+            while self.trackers:
+                if self.control.requested == JobStatus.CANCELLED:
+                    for task in list(self.trackers):
+                        task.cancel()
+                    break
+                await asyncio.wait(list(self.trackers), timeout=0.2)
+            if self.tracker_errors:
+                raise self.tracker_errors[0]
+        finally:
+            for task in [producer, flusher, watcher, *senders, *self.trackers]:
+                task.cancel()
+            await client.aclose()
+            self.store.flush()
+        self.report(force=True)
+        self.log_control()
+        if self.stop_reason is not None:
+            return self.stop_status, self.stop_reason
+        if self.control.stopping and self.produced_all and not self.store.in_flight(
+                self.job.group):
+            return JobStatus.COMPLETED, None   # the Stop came after the last patient was done
+        if self.control.stopping:
+            if self.phase.paused:   # a Stop inside a scheduled pause cancels the pending resume
+                self.stopped(JobStatus.STOPPED, StopReason.RESUME_CANCELLED)
+                return self.stop_status, self.stop_reason
+            return self.control.requested, self.control.reason
+        left = self.store.in_flight(self.job.group)
+        if left:
+            raise RuntimeError(f"{len(left)} patients are still in flight at the end of job "
+                               f"{self.job.id}; Resume finishes them")
+        return JobStatus.COMPLETED, None
+
+    def warn_if_too_slow(self, messages: int) -> None:
+        """Before sending: say so when, at the configured rate, the job cannot finish before the
+        stop time or the end of the Smartcard session."""
+        rate = self.options.rate_limit
+        if not rate or not messages:
+            return
+        start = max(self.options.schedule.start_at or self.clock.now(), self.clock.now())
+        needed = messages / rate
+        ends = [("the stop time", self.options.schedule.stop_at),
+                ("the Smartcard session's expiry", self.engine.session.expires_at)]
+        for what, end in ends:
+            if end is None:
+                continue
+            available = (end - start).total_seconds()
+            if needed > available:
+                text = (f"at {rate:g} messages a second, {messages} messages need about "
+                        f"{describe_duration(needed)}, but {what} ({end.isoformat(timespec='minutes')}) "
+                        f"leaves {describe_duration(max(0.0, available))}: the job will stop before it "
+                        "completes; Resume continues it")
+                self.progress.warnings.append(text)
+                self.engine.log.write("warning", job_id=self.job.id,
+                                      user_id=self.engine.session.user_id, warning=text)
+
+    def log_control(self) -> None:
+        """Log a Stop, Stop and Close or Cancel once, with the user, when it is first seen."""
+        if self.control.stopping and not self.control_logged:
+            self.control_logged = True
+            self.engine.log.write("cancel" if self.control.requested == JobStatus.CANCELLED
+                                  else "stop", job_id=self.job.id,
+                                  user_id=self.engine.session.user_id,
+                                  reason=self.control.reason.value,
+                                  becomes=self.control.requested.value)
+
+    def may_send(self) -> bool:
+        """Asked by the Spine client just before each POST (after a rate-limit wait or a retry
+        backoff): the schedule, the session and the controls, against the clock now."""
+        if self.halted or not self.gate.is_set():
+            return False
+        return sending_allowed(self.clock.now(), self.options.schedule,
+                               self.engine.session.expires_at, self.phase)
+
+    def stopped(self, status: JobStatus, reason: StopReason) -> None:
+        """Stop sending for a reason of the job's own (schedule, session); acks are still tracked."""
+        if self.stop_reason is None:
+            self.stop_status, self.stop_reason = status, reason
+            self.engine.log.write("stop", job_id=self.job.id,
+                                  user_id=self.engine.session.user_id, reason=reason.value)
+        self.gate.set()   # let waiting senders see the stop
+
+    async def watch(self) -> None:
+        """The schedule and the session, checked a few times a second against the clock; what to
+        do is ``watcher.next_step``'s decision, carried out here."""
+        schedule, session = self.options.schedule, self.engine.session
+        while True:
+            now = self.clock.now()
+            self.progress.session_seconds_left = max(0.0, session.seconds_left(now))
+            if self.engine.lock.lost:
+                raise RuntimeError("another job took this store's lock: this one stops sending; "
+                                   "see the practice log")
+            if self.stop_reason is not None:
+                return
+            step = next_step(now, schedule, session.expires_at, self.phase, self.control.stopping)
+            if step == Step.STOP_TIME:
+                self.stopped(JobStatus.STOPPED, StopReason.STOP_TIME)
+                return
+            if step == Step.RESUME_CANCELLED:
+                self.stopped(JobStatus.STOPPED, StopReason.RESUME_CANCELLED)
+                return
+            if step == Step.SESSION_ENDED:
+                self.session_lost(SessionExpired(f"the Smartcard session ended at "
+                                                 f"{session.expires_at.isoformat()}"))
+                self.gate.set()
+                return
+            if step == Step.RESUME:
+                self.phase = replace(self.phase, paused=False, resumed=True)
+                self.progress.paused = False
+                self.store.mark_job(self.job.id, JobStatus.RUNNING, None)
+                self.engine.log.write("resume", job_id=self.job.id, user_id=session.user_id,
+                                      reason="resume_time")
+                self.gate.set()
+                self.report(force=True)
+            elif step == Step.START:
+                self.phase = replace(self.phase, waiting=False)
+                self.progress.waiting = False
+                self.engine.log.write("start", job_id=self.job.id, user_id=session.user_id,
+                                      reason="start_time")
+                self.gate.set()
+            elif step == Step.PAUSE:
+                self.phase = replace(self.phase, paused=True)
+                self.progress.paused = True
+                self.gate.clear()
+                self.store.mark_job(self.job.id, JobStatus.PAUSED, StopReason.PAUSE_TIME.value)
+                self.engine.log.write("pause", job_id=self.job.id, user_id=session.user_id,
+                                      reason="pause_time", resume_at=schedule.resume_at.isoformat())
+                self.report(force=True)
+            elif step == Step.LET_STOP:
+                self.gate.set()
+            self.log_control()
+            self.report()
+            await asyncio.sleep(WATCH_SECONDS)
+
+    async def flush_now_and_then(self) -> None:
+        """Write deferred state changes a few times a second, so status readers see progress."""
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            self.store.flush()
+
+    async def supervise(self, producer: asyncio.Task, senders: list[asyncio.Task],
+                        queue: asyncio.Queue, background: list[asyncio.Task]) -> None:
+        """Wait for the producer and the senders; the first unexpected error in any of them or in
+        a background task (the watcher, the flusher) ends the job and is raised, so no task can
+        leave the others waiting for ever."""
+
+        async def close_queue() -> None:
+            for _ in senders:
+                await queue.put(None)
+
+        work: set[asyncio.Task] = {producer, *senders}
+        pending: set[asyncio.Task] = work | set(background)
+        while work & pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()
+            if producer in done:
+                closer = asyncio.create_task(close_queue())
+                work.add(closer)
+                pending.add(closer)
+
+    async def produce(self, plan: list[str | Work], queue: asyncio.Queue) -> None:
+        """Build ahead of the senders, a batch at a time (the outbound queue is bounded)."""
+        batch = max(1, min(64, self.options.concurrency * 2))
+        for start in range(0, len(plan), batch):
+            await self.gate.wait()
+            if self.halted:
+                return
+            for work in self.build_batch(plan[start:start + batch]):
+                self.progress.queued += 1
+                if work.poll_url:
+                    self.track(work)
+                else:
+                    await queue.put(work)   # stopped meanwhile: the sender leaves it queued
+        self.produced_all = True
+
+    async def send_loop(self, queue: asyncio.Queue) -> None:
+        while True:
+            work = await queue.get()
+            if work is None:
+                return
+            sent = await self.send_one(work.message)
+            if sent is None:
+                continue
+            self.store.mark_transmitted(work.message_id, sent.poll_url, sent.attempts)
+            self.progress.transmitted += 1
+            self.report()
+            self.track(Work(work.pkey, work.message_id, work.event_id, poll_url=sent.poll_url),
+                       first_wait=sent.retry_after)
+
+    async def send_one(self, message: OutboundMessage) -> Transmission | None:
+        """POST one message; None when it was not transmitted (held, stopped, failed)."""
+        while True:
+            await self.gate.wait()
+            if self.halted:
+                return None   # stays queued, with its id: Resume sends it
+            self.store.mark_sending(message.message_id)
+            try:
+                return await self.client.send(message)
+            except SendHeld:
+                # Held at the last moment (a pause or stop the watcher has not closed the gate
+                # for yet): queued again with its id, and tried again once the gate opens.
+                self.store.unsend(message.message_id)
+                await asyncio.sleep(WATCH_SECONDS)
+            except (SessionExpired, SessionRejected) as err:
+                self.store.unsend(message.message_id)
+                self.session_lost(err)
+                return None
+            except SpineError as err:
+                code = err.codes[0] if err.codes else (
+                    "retries_exhausted" if err.retriable else "http_error")
+                self.failed(message.message_id, code)
+                return None
+
+    def track(self, work: Work, first_wait: float = 0.0) -> None:
+        task = asyncio.create_task(self.await_ack(work, first_wait))
+        self.trackers.add(task)
+        task.add_done_callback(self._tracker_done)
+
+    def _tracker_done(self, task: asyncio.Task) -> None:
+        self.trackers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.tracker_errors.append(task.exception())
+
+    async def await_ack(self, work: Work, wait: float) -> None:
+        client = self.client
+        message_id = work.message_id
+        deadline = self.clock.monotonic() + self.options.ack_timeout
+        while True:
+            await self.clock.sleep(min(wait, max(0.0, deadline - self.clock.monotonic())))
+            if self.clock.monotonic() >= deadline:
+                self.failed(message_id, "ack_timeout")
+                return
+            try:
+                result = await client.poll(work.poll_url, message_id)
+            except (SessionExpired, SessionRejected) as err:
+                self.session_lost(err)
+                return   # stays transmitted: Resume polls it again after a new login
+            except SpineError as err:
+                self.failed(message_id, "http_error" if not err.codes else err.codes[0])
+                return
+            if result.ack is None:
+                wait = max(0.05, result.retry_after)
+                continue
+            ack = result.ack
+            if ack.message_ref and ack.message_ref.upper() != message_id.upper():
+                # Never take another message's ack as this one's: the poll goes on until the
+                # ack timeout, and the patient then fails with a reason support can see.
+                self.engine.log.write("ack_mismatch", job_id=self.job.id, message_id=message_id,
+                                      message_ref=ack.message_ref)
+                wait = max(0.05, result.retry_after or 1.0)
+                continue
+            if ack.accepted:
+                self.store.mark_acknowledged(message_id, work.event_id)
+                self.progress.acknowledged += 1
+                self.report()
+            else:
+                self.failed(message_id, ack.failure_code or ack.type_code, ack, result.body)
+            return
+
+
+__all__ = ["Pipeline", "Work", "UNCERTAIN_FAILURES"]

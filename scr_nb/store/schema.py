@@ -1,0 +1,160 @@
+"""The store's tables, and the one way to open a store file for writing (a job) or for reading
+alongside a running job (status, panels, reports, the support desk).
+
+Plain SQL with portable types (TEXT, INTEGER, BLOB) so the schema can move to PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from scr_nb.errors import StoreError
+
+SCHEMA_VERSION = "1"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS patients (
+    pkey TEXT PRIMARY KEY,
+    patient_id TEXT NOT NULL,
+    nhs_number TEXT NOT NULL,
+    source_row INTEGER NOT NULL,
+    eligibility TEXT,
+    dissent INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    reason TEXT,
+    message_id TEXT,
+    chain_id INTEGER,
+    ack_event_id TEXT,
+    ack_message_id TEXT,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS patients_state ON patients (state);
+CREATE INDEX IF NOT EXISTS patients_patient_id ON patients (patient_id);
+CREATE TABLE IF NOT EXISTS messages (
+    message_id TEXT PRIMARY KEY,
+    pkey TEXT NOT NULL,
+    job_id INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    prior_event_id TEXT,
+    created_at TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    content_type TEXT,
+    body BLOB,
+    state TEXT NOT NULL,
+    poll_url TEXT,
+    post_attempts INTEGER NOT NULL DEFAULT 0,
+    transmitted_at TEXT,
+    acked_at TEXT,
+    ack_type TEXT,
+    ack_codes TEXT,
+    failure_code TEXT,
+    ack_body BLOB
+);
+CREATE INDEX IF NOT EXISTS messages_pkey ON messages (pkey);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    at TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    http_status INTEGER,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_message ON attempts (message_id);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    chain_id INTEGER,
+    mode TEXT NOT NULL,
+    chain_mode TEXT NOT NULL,
+    group_name TEXT,
+    status TEXT NOT NULL,
+    reason TEXT,
+    user_id TEXT,
+    user_name TEXT,
+    started_at TEXT NOT NULL,
+    ended_at TEXT,
+    settings TEXT,
+    totals TEXT
+);
+CREATE TABLE IF NOT EXISTS groups (
+    group_name TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    PRIMARY KEY (group_name, patient_id)
+);
+CREATE TABLE IF NOT EXISTS job_lock (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    user_id TEXT NOT NULL,
+    user_name TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    since TEXT NOT NULL,
+    heartbeat REAL NOT NULL,
+    token TEXT NOT NULL
+);
+"""
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only: it holds patient data."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
+
+
+def _schema_version(db: sqlite3.Connection) -> str | None:
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    except sqlite3.OperationalError:   # no meta table: a new store
+        return None
+    return row[0] if row else None
+
+
+def _check_version(path: Path, version: str | None) -> None:
+    if version != SCHEMA_VERSION:
+        raise StoreError(f"{path}: store schema {version} is not {SCHEMA_VERSION}; "
+                         "use the scr-nb version that wrote it")
+
+
+def open_writable(path: Path) -> sqlite3.Connection:
+    """Open (creating it, mode 0600) a store for the one job that writes to it."""
+    _create_private(path)
+    try:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        version = _schema_version(db)
+        if version is None:
+            db.executescript(SCHEMA)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            version = _schema_version(db)
+    except sqlite3.DatabaseError as err:
+        raise StoreError(f"{path}: not a usable scr-nb store ({err})") from None
+    _check_version(path, version)
+    for suffix in ("-wal", "-shm"):
+        side = Path(str(path) + suffix)
+        if side.exists():
+            os.chmod(side, 0o600)
+    return db
+
+
+def open_readonly(path: Path) -> sqlite3.Connection:
+    """Open an existing store read-only: no schema work, no writes, no waiting on the writer."""
+    if not str(path) or not path.is_file():
+        raise StoreError(f"{path}: no such store")
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
+                             isolation_level=None, check_same_thread=False, timeout=30)
+        version = _schema_version(db)
+    except sqlite3.Error as err:
+        raise StoreError(f"{path}: not a usable scr-nb store ({err})") from None
+    try:
+        _check_version(path, version)
+    except StoreError:
+        db.close()
+        raise
+    return db
