@@ -25,9 +25,9 @@ from pathlib import Path
 
 from scr_nb.extract.eligibility import Policy, decide
 from scr_nb.extract.reader import load_practice
+from scr_nb.sim.synth import write_practice
 from scr_nb.spine.content import Windows, select_content
 from scr_nb.spine.gp_summary import Author, build_message, new_id
-from scr_nb.sim.synth import write_practice
 
 SEED = 20240611
 

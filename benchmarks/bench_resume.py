@@ -18,13 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from scr_nb.spine import session as sessions
 from scr_nb.job.engine import Engine
 from scr_nb.job.options import JobControl, JobOptions
 from scr_nb.sim.spine_sim import SimConfig, SimulatorThread
-from scr_nb.store.states import Mode
-from scr_nb.store.practice_store import Store
 from scr_nb.sim.synth import write_practice
+from scr_nb.spine import session as sessions
+from scr_nb.store.practice_store import Store
+from scr_nb.store.states import Mode
 
 USER = {"user_id": "555000000001", "passcode": "bench", "name": "Bench Mark",
         "role_profile_id": "555000000001A1", "activities": ["B0062"], "session_hours": 10}

@@ -37,18 +37,18 @@ from typing import Iterator
 
 import aiohttp
 
-from scr_nb.spine import session as sessions
 from scr_nb.constants import SOAP_ACTION
 from scr_nb.extract.eligibility import Policy, decide
+from scr_nb.extract.reader import load_practice
 from scr_nb.job.engine import Engine
 from scr_nb.job.options import JobOptions
-from scr_nb.extract.reader import load_practice
+from scr_nb.sim.synth import write_practice
+from scr_nb.spine import session as sessions
+from scr_nb.spine.client import RateLimiter
 from scr_nb.spine.content import Windows, select_content
 from scr_nb.spine.gp_summary import Author, OutboundMessage, build_message, new_id
-from scr_nb.spine.client import RateLimiter
-from scr_nb.store.states import Mode
 from scr_nb.store.practice_store import Store
-from scr_nb.sim.synth import write_practice
+from scr_nb.store.states import Mode
 
 HOST = "127.0.0.1"
 SEED = 20240611

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from scr_nb.spine import session as sessions
 from scr_nb.sim.spine_sim import SimConfig, SimulatorThread
 from scr_nb.sim.synth import write_practice
+from scr_nb.spine import session as sessions
 
 # The real Spine samples: shared/ sits beside the repository, in CI as on a developer's machine.
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "spine"

@@ -6,8 +6,8 @@ import csv
 from datetime import date, timedelta
 from pathlib import Path
 
-from scr_nb.extract.reader import REQUIRED_COLUMNS
 from scr_nb.extract.nhs_number import check_digit
+from scr_nb.extract.reader import REQUIRED_COLUMNS
 
 
 def nhs(stem: int) -> str:

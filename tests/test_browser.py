@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from scr_nb.spine import session as sessions
 from scr_nb.sim.demo import free_port
+from scr_nb.spine import session as sessions
 from tests.conftest import ADMIN
 from tests.test_engine import eligible_numbers, held
 

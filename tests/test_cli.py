@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from scr_nb.ui import cli
 from scr_nb.extract.eligibility import Policy, decide, summarise
 from scr_nb.extract.reader import load_practice
+from scr_nb.ui import cli
 from tests.conftest import ADMIN
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from scr_nb.extract.eligibility import Policy, decide, summarise
-from scr_nb.extract.reader import load_practice
 from scr_nb.extract.nhs_number import is_valid, mask
-from scr_nb.store.states import NOT_REQUIRED_REASONS
+from scr_nb.extract.reader import load_practice
 from scr_nb.sim.synth import write_practice
+from scr_nb.store.states import NOT_REQUIRED_REASONS
 from tests.handmade import ago, nhs, patient, write
 
 

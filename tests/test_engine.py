@@ -7,17 +7,17 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from scr_nb.job import pipeline as pipeline_module
-from scr_nb.spine import session as sessions
+from scr_nb.errors import RefusedError, SessionError
 from scr_nb.extract.eligibility import Policy, decide
+from scr_nb.extract.reader import load_practice
+from scr_nb.job import pipeline as pipeline_module
 from scr_nb.job.engine import Engine
 from scr_nb.job.options import JobControl, JobOptions
-from scr_nb.errors import RefusedError, SessionError
-from scr_nb.extract.reader import load_practice
-from scr_nb.store.log import PracticeLog
+from scr_nb.spine import session as sessions
 from scr_nb.spine.client import SpineClient
-from scr_nb.store.states import Mode
+from scr_nb.store.log import PracticeLog
 from scr_nb.store.practice_store import Store
+from scr_nb.store.states import Mode
 from tests.conftest import CLERK
 
 

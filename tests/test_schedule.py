@@ -9,13 +9,13 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from scr_nb.clock import SystemClock
+from scr_nb.errors import RefusedError
 from scr_nb.job.engine import Engine
 from scr_nb.job.options import JobControl, JobOptions
-from scr_nb.errors import RefusedError
-from scr_nb.store.log import PracticeLog
 from scr_nb.job.schedule import Schedule, ScheduleError, parse_local
-from scr_nb.store.states import Mode
+from scr_nb.store.log import PracticeLog
 from scr_nb.store.practice_store import Store
+from scr_nb.store.states import Mode
 from tests.test_engine import eligible_numbers, held, status
 
 T0 = datetime.now(timezone.utc).replace(microsecond=0)

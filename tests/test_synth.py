@@ -14,9 +14,9 @@ from datetime import date
 
 import pytest
 
-from scr_nb.sim import synth
 from scr_nb.constants import TEST_NHS_NUMBER_RANGE
 from scr_nb.extract.nhs_number import is_valid, normalise
+from scr_nb.sim import synth
 from scr_nb.store.states import NOT_REQUIRED_REASONS
 
 TODAY = date(2025, 3, 31)      # a month end: six months back clamps to 30 September

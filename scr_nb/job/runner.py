@@ -7,11 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from scr_nb.spine import session as sessions
 from scr_nb.constants import explain
+from scr_nb.errors import ExtractError, RefusedError
 from scr_nb.job.engine import Engine
 from scr_nb.job.options import JobControl, JobOptions, Progress
-from scr_nb.errors import ExtractError, RefusedError
+from scr_nb.spine import session as sessions
 from scr_nb.store.practice_store import Store
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 3, 4

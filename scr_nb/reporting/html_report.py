@@ -1,10 +1,7 @@
-"""The analyst's report: one self-contained HTML file per store, and the charts it shares with
-``notebooks/monitor.ipynb`` (SPEC 9 and 10, ``scr-nb report``).
+"""The analyst's report: one self-contained HTML file per store (SPEC 9 and 10, ``scr-nb report``).
 
-The numbers come from ``Store.status()`` (the completion statistics) and ``analytics`` (jobs,
-throughput, ack latency, errors); this module only lays them out. Charts are drawn on matplotlib
-``Figure`` objects with the Agg canvas, never through pyplot, so writing a report does not touch
-the backend of a notebook that imports it. The report holds no clinical text, and NHS numbers are
+The numbers come from ``Store.status()`` (the completion statistics) and ``frames`` (jobs,
+throughput, ack latency, errors), the pictures from ``charts``; this module only lays them out. The report holds no clinical text, and NHS numbers are
 masked unless ``show_nhs``. Every value is escaped before it goes into the HTML.
 """
 
@@ -19,143 +16,29 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
-from matplotlib import dates as mdates
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from scr_nb import __version__
-from scr_nb.reporting import frames as analytics
 from scr_nb.constants import category, explain
 from scr_nb.errors import StoreError
+from scr_nb.reporting import frames
+from scr_nb.reporting.charts import (
+    NOTHING_TO_SHOW,
+    plot_ack_latency,
+    plot_failures_by_category,
+    plot_failures_by_code,
+    plot_not_required,
+    plot_success_rate,
+    plot_throughput,
+)
 from scr_nb.store.practice_store import Store
 
-NOTHING_TO_SHOW = "Nothing to show yet"
 FAILED_PATIENTS_SHOWN = 200   # the report lists at most this many failed patients
 # Vision's completion screen, in its order, with the keys of Store.status()["counters"].
 VISION_COUNTERS = (("Unprocessed", "unprocessed"), ("Sending", "sending"), ("Sent", "sent"),
                    ("Failed", "failed"), ("Not Required", "not_required"))
-
-
-# --- charts (also called by notebooks/monitor.ipynb) ----------------------------------------------
-
-def _nothing(ax: Axes) -> Axes:
-    ax.text(0.5, 0.5, NOTHING_TO_SHOW, ha="center", va="center", transform=ax.transAxes)
-    ax.set_axis_off()
-    return ax
-
-
-def _job_labels(frame: pd.DataFrame) -> list[str]:
-    """``#3 failed``, with the practice in front when the frame holds several practices."""
-    several = frame["practice"].nunique() > 1
-    modes = frame["mode"] if "mode" in frame else [""] * len(frame)
-    return [(f"{p}: " * several + f"#{j} {m}").rstrip()
-            for p, j, m in zip(frame["practice"], frame["job_id"], modes)]
-
-
-def plot_success_rate(ax: Axes, jobs: pd.DataFrame) -> Axes:
-    """Bars of each job's success rate (acknowledged / (acknowledged + failed)), from
-    ``analytics.jobs``."""
-    jobs = jobs[jobs["success_rate"].notna()] if not jobs.empty else jobs
-    if jobs.empty:
-        return _nothing(ax)
-    rates = jobs["success_rate"].to_numpy(dtype=float) * 100
-    bars = ax.bar(_job_labels(jobs), rates, color="tab:green")
-    ax.bar_label(bars, labels=[f"{r:.1f}%" for r in rates], fontsize=8)
-    ax.set_ylim(0, 110)
-    ax.set_ylabel("success rate (%)")
-    ax.set_title("Success rate per job")
-    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    return ax
-
-
-def plot_throughput(ax: Axes, throughput: pd.DataFrame) -> Axes:
-    """Lines of messages per period for each event (queued, transmitted, acknowledged, failed),
-    from ``analytics.throughput``; one set per practice when there are several."""
-    if throughput.empty:
-        return _nothing(ax)
-    several = throughput["practice"].nunique() > 1
-    for practice, rows in throughput.groupby("practice", sort=False):
-        periods = rows["period"].dt.tz_convert(None)
-        for event in analytics.EVENTS:
-            if rows[event].any():
-                ax.plot(periods, rows[event], marker=".",
-                        label=f"{practice}: " * several + event)
-    locator = mdates.AutoDateLocator()
-    ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
-    ax.set_ylabel("messages per period")
-    ax.set_xlabel("time (UTC)")
-    ax.set_title("Throughput")
-    ax.legend(fontsize=8)
-    ax.tick_params(axis="x", labelsize=8)
-    return ax
-
-
-def plot_ack_latency(ax: Axes, percentiles: pd.DataFrame) -> Axes:
-    """Grouped bars of p50, p90 and p99 ack latency per job, from
-    ``analytics.ack_latency_percentiles``."""
-    if percentiles.empty:
-        return _nothing(ax)
-    labels = _job_labels(percentiles)
-    width = 0.8 / len(analytics.PERCENTILES)
-    for i, name in enumerate(analytics.PERCENTILES):
-        ax.bar([x + i * width for x in range(len(labels))], percentiles[name], width, label=name)
-    ax.set_xticks([x + width for x in range(len(labels))], labels)
-    ax.set_ylabel("seconds from 202 to ack")
-    ax.set_title("Ack latency per job")
-    ax.legend(fontsize=8)
-    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    return ax
-
-
-def plot_failures_by_code(ax: Axes, by_code: pd.DataFrame) -> Axes:
-    """Horizontal bars of failed patients per code, with its plain words, summed over the stores
-    of ``analytics.failures_by_code``."""
-    if by_code.empty:
-        return _nothing(ax)
-    counts = by_code.groupby("code", sort=False)["patients"].sum().sort_values()
-    labels = [f"{code}: {_shorten(explain(code), 48)}" for code in counts.index]
-    bars = ax.barh(labels, counts.to_numpy(), color="tab:red")
-    ax.bar_label(bars, fontsize=8)
-    ax.set_xlabel("failed patients")
-    ax.set_title("Failures by code")
-    ax.tick_params(axis="y", labelsize=8)
-    return ax
-
-
-def plot_failures_by_category(ax: Axes, by_category: pd.DataFrame) -> Axes:
-    """Bars of failed patients per category, summed over the stores of
-    ``analytics.failures_by_category``."""
-    if by_category.empty:
-        return _nothing(ax)
-    counts = by_category.groupby("category", sort=False)["patients"].sum()
-    counts = counts.sort_values(ascending=False)
-    bars = ax.bar(counts.index.astype(str), counts.to_numpy(), color="tab:orange")
-    ax.bar_label(bars, fontsize=8)
-    ax.set_ylabel("failed patients")
-    ax.set_title("Failures by category")
-    return ax
-
-
-def plot_not_required(ax: Axes, not_required: pd.DataFrame) -> Axes:
-    """Horizontal bars of patients not required per reason, summed over the stores of
-    ``analytics.not_required``."""
-    counts = (not_required.groupby("reason", sort=False)["patients"].sum()
-              if not not_required.empty else pd.Series(dtype="int64"))
-    counts = counts[counts > 0]
-    if counts.empty:
-        return _nothing(ax)
-    bars = ax.barh(counts.index.astype(str)[::-1], counts.to_numpy()[::-1], color="tab:gray")
-    ax.bar_label(bars, fontsize=8)
-    ax.set_xlabel("patients")
-    ax.set_title("Not required, by reason")
-    ax.tick_params(axis="y", labelsize=8)
-    return ax
-
-
-def _shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 # --- the HTML report ------------------------------------------------------------------------------
@@ -189,13 +72,13 @@ def render_report(store_path: str | Path, show_nhs: bool = False,
         status = store.status()
     finally:
         store.close()
-    jobs = analytics.jobs(store_path)
-    by_code = analytics.failures_by_code(store_path)
-    by_category = analytics.failures_by_category(store_path)
-    failed = analytics.failures(store_path, show_nhs=show_nhs)
-    not_required = analytics.not_required(store_path)
-    percentiles = analytics.ack_latency_percentiles(store_path)
-    throughput = analytics.throughput(store_path, freq="auto")
+    jobs = frames.jobs(store_path)
+    by_code = frames.failures_by_code(store_path)
+    by_category = frames.failures_by_category(store_path)
+    failed = frames.failures(store_path, show_nhs=show_nhs)
+    not_required = frames.not_required(store_path)
+    percentiles = frames.ack_latency_percentiles(store_path)
+    throughput = frames.throughput(store_path, freq="auto")
 
     masking = ("NHS numbers are shown in full." if show_nhs
                else "NHS numbers are masked (943 *** 5919).")
@@ -222,7 +105,7 @@ def render_report(store_path: str | Path, show_nhs: bool = False,
         "<h2>Ack latency</h2>",
         _table(["Job", "Acks", "p50 (s)", "p90 (s)", "p99 (s)", "max (s)"],
                [(j, n, *(_seconds(v) for v in vs)) for j, n, *vs in percentiles[
-                   ["job_id", "acks", *analytics.PERCENTILES, "max"]].itertuples(index=False)],
+                   ["job_id", "acks", *frames.PERCENTILES, "max"]].itertuples(index=False)],
                empty="No acknowledgements yet."),
         _chart(plot_ack_latency, percentiles),
         "<h2>Errors</h2>",
@@ -230,7 +113,7 @@ def render_report(store_path: str | Path, show_nhs: bool = False,
         _chart(plot_failures_by_category, by_category),
         "<h3>Failures each job met (including those resolved later)</h3>",
         _table(["Job", "Mode", "Code", "Plain words", "Category", "Failed"],
-               analytics.failures_by_job(store_path)[
+               frames.failures_by_job(store_path)[
                    ["job_id", "mode", "code", "words", "category", "failed"]].itertuples(
                    index=False),
                empty="No job met a failure."),
@@ -290,7 +173,7 @@ def _failed_patients(failed: pd.DataFrame) -> str:
     note = ""
     if len(failed) > len(shown):
         note = (f'<p class="meta">The first {len(shown)} of {len(failed)} failed patients; '
-                "analytics.failures() lists them all.</p>")
+                "frames.failures() lists them all.</p>")
     return note + _table(["Patient", "NHS number", "Code", "Plain words", "Category", "Job",
                           "Message id", "Failed at"], rows, empty="No failed patients.")
 

@@ -34,7 +34,7 @@ def free_port() -> int:
 
 
 def start_simulator(users: Path, port: int, extra: list[str]) -> subprocess.Popen:
-    command = [sys.executable, "-m", "scr_nb.ui.cli", "spine-sim", "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "scr_nb", "spine-sim", "--host", "127.0.0.1",
                "--port", str(port), "--users", str(users), *extra]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)

@@ -34,10 +34,10 @@ from aiohttp import web
 from lxml import etree
 
 from scr_nb import constants
-from scr_nb.sim import identity
-from scr_nb.spine import mime
 from scr_nb.errors import ScrNbError
 from scr_nb.extract.nhs_number import is_valid
+from scr_nb.sim import identity
+from scr_nb.spine import mime
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from scr_nb.constants import (
     CONSENT_IMPLIED,
     TEST_NHS_NUMBER_RANGE,
 )
+from scr_nb.extract.nhs_number import check_digit, is_valid, normalise
 from scr_nb.extract.reader import REQUIRED_COLUMNS
 from scr_nb.spine.content import months_back
-from scr_nb.extract.nhs_number import check_digit, is_valid, normalise
 from scr_nb.store.states import NOT_REQUIRED_REASONS
 
 # The columns of SPEC 3, in the order they are written: the reader's own list.

@@ -18,9 +18,9 @@ from datetime import datetime, timezone
 
 import aiohttp
 
-from scr_nb.spine.acks import Ack, parse_ack, parse_soap_fault
 from scr_nb.constants import RETRIABLE_SOAP_FAULTS, SOAP_ACTION
 from scr_nb.errors import SessionExpired, SessionRejected, SpineError
+from scr_nb.spine.acks import Ack, parse_ack, parse_soap_fault
 from scr_nb.spine.gp_summary import OutboundMessage
 from scr_nb.spine.session import Session
 

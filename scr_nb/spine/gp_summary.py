@@ -16,7 +16,7 @@ from functools import lru_cache
 from hashlib import sha1
 
 from scr_nb import constants as C
-from scr_nb.extract.records import Allergy, Medication, Patient
+from scr_nb.extract.records import Medication, Patient
 from scr_nb.spine.content import SummaryContent, Windows, window_starts
 from scr_nb.spine.mime import build_related
 

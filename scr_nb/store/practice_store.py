@@ -9,7 +9,6 @@ INTEGER, BLOB) so the schema can move to PostgreSQL.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import zlib
 from collections.abc import Iterable, Iterator
@@ -21,8 +20,14 @@ from pathlib import Path
 from scr_nb.errors import StoreError
 from scr_nb.store.schema import open_readonly, open_writable
 from scr_nb.store.states import (
-    IN_FLIGHT, NOT_REQUIRED_REASONS, PREDECESSORS, JobStatus, PatientState,
-    check_job_transition, check_transition, counters,
+    IN_FLIGHT,
+    NOT_REQUIRED_REASONS,
+    PREDECESSORS,
+    JobStatus,
+    PatientState,
+    check_job_transition,
+    check_transition,
+    counters,
 )
 
 NOT_IN_EXTRACT = "not_in_extract"   # a patient the store knows but the latest extract does not
@@ -472,4 +477,15 @@ class Store:
         }
 
 
-__all__ = ["Store", "Job", "StoredMessage"]
+
+
+def read_status(path: str | Path) -> dict:
+    """The ``scr-nb status --json`` object of the store at ``path``, read alongside any job."""
+    store = Store(path, readonly=True)
+    try:
+        return store.status()
+    finally:
+        store.close()
+
+
+__all__ = ["Store", "Job", "StoredMessage", "read_status"]

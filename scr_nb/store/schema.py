@@ -13,6 +13,8 @@ from pathlib import Path
 from scr_nb.errors import StoreError
 
 SCHEMA_VERSION = "1"
+# What a read may raise while the job that creates a store is still writing its tables.
+DatabaseError = sqlite3.Error
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS patients (

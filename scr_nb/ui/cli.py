@@ -16,15 +16,20 @@ import threading
 from datetime import date
 from pathlib import Path
 
-from scr_nb.spine import session as sessions
-from scr_nb.job.options import JobControl, JobOptions, Progress
 from scr_nb.errors import ExtractError, RefusedError, ScrNbError
+from scr_nb.job.options import JobControl, JobOptions, Progress
 from scr_nb.job.runner import (
-    EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_STOPPED, EXIT_USAGE, format_statistics, run_upload,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_STOPPED,
+    EXIT_USAGE,
+    format_statistics,
+    run_upload,
 )
 from scr_nb.job.schedule import Schedule, parse_local
+from scr_nb.spine import session as sessions
 from scr_nb.store.states import Mode
-
 
 
 def _print_json(data: object) -> None:
@@ -255,16 +260,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     Example: scr-nb status --store practice.sqlite --json
     """
-    from scr_nb.store.practice_store import Store
+    from scr_nb.store.practice_store import read_status
 
     if not Path(args.store).exists():
         print(f"scr-nb status: {args.store}: no such store", file=sys.stderr)
         return EXIT_USAGE
-    store = Store(args.store, readonly=True)
-    try:
-        status = store.status()
-    finally:
-        store.close()
+    status = read_status(args.store)
     if args.json:
         _print_json(status)
     else:

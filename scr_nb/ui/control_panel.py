@@ -9,22 +9,22 @@ only sets widget values (it never prints: ipykernel routes a thread's output unp
 from __future__ import annotations
 
 import html
-import sqlite3
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
 import ipywidgets as w
 
-from scr_nb.spine import session as sessions
-from scr_nb.job.modes import refusal
-from scr_nb.job.options import JobControl, JobOptions, Progress
 from scr_nb.errors import ScrNbError, StoreError
 from scr_nb.extract.reader import load_groups
+from scr_nb.job.modes import refusal
+from scr_nb.job.options import JobControl, JobOptions, Progress
 from scr_nb.job.runner import Outcome, format_statistics, run_upload
 from scr_nb.job.schedule import Schedule
-from scr_nb.store.states import Mode
+from scr_nb.spine import session as sessions
 from scr_nb.store.practice_store import Store
+from scr_nb.store.schema import DatabaseError
+from scr_nb.store.states import Mode
 
 MODES = (("Run", Mode.RUN), ("Resume", Mode.RESUME), ("Rerun", Mode.RERUN),
          ("Failed", Mode.FAILED))
@@ -143,7 +143,7 @@ class ControlPanel:
             return []
         try:
             return store.group_names()
-        except sqlite3.Error:   # a store being created by the job that just started
+        except DatabaseError:   # a store being created by the job that just started
             return []
         finally:
             store.close()
@@ -161,7 +161,7 @@ class ControlPanel:
             return nothing_yet
         try:
             refused = refusal(store, mode, self.selected_group)
-        except sqlite3.Error:   # a store being created by the job that just started
+        except DatabaseError:   # a store being created by the job that just started
             return nothing_yet
         finally:
             store.close()

@@ -65,16 +65,15 @@ def plot_outcome(store: str):
     monitor notebook): success rate per job, throughput, ack latency, failures by code."""
     import matplotlib.pyplot as plt
 
-    from scr_nb.reporting import frames as analytics
-    from scr_nb.reporting import html_report as report
+    from scr_nb.reporting import charts, frames
 
     if not store or not Path(store).exists():
         return None
     figure, axes = plt.subplots(2, 2, figsize=(12, 7.5))
-    report.plot_success_rate(axes[0][0], analytics.jobs(store))
-    report.plot_throughput(axes[0][1], analytics.throughput(store, freq="auto"))
-    report.plot_ack_latency(axes[1][0], analytics.ack_latency_percentiles(store))
-    report.plot_failures_by_code(axes[1][1], analytics.failures_by_code(store))
+    charts.plot_success_rate(axes[0][0], frames.jobs(store))
+    charts.plot_throughput(axes[0][1], frames.throughput(store, freq="auto"))
+    charts.plot_ack_latency(axes[1][0], frames.ack_latency_percentiles(store))
+    charts.plot_failures_by_code(axes[1][1], frames.failures_by_code(store))
     figure.tight_layout()
     return figure
 

@@ -9,7 +9,7 @@ practice's store while its upload runs is safe. Only ``mark_resolved`` (a kit gr
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
@@ -18,16 +18,15 @@ import ipywidgets as widgets
 import pandas as pd
 from lxml import etree
 
-from scr_nb.spine import session as sessions
 from scr_nb.constants import category, explain
-from scr_nb.job.engine import Engine
-from scr_nb.job.options import JobOptions, JobResult
 from scr_nb.errors import RefusedError, StoreError
-from scr_nb.spine.mime import Part, parse_related
 from scr_nb.extract.nhs_number import mask, normalise
-from scr_nb.store.states import Mode, PatientState
+from scr_nb.job.options import JobControl, JobOptions, Progress
+from scr_nb.job.runner import Outcome, run_upload
+from scr_nb.spine.mime import Part, parse_related
 from scr_nb.store import queries
 from scr_nb.store.practice_store import Store
+from scr_nb.store.states import Mode, PatientState
 
 StoreLike = queries.StoreLike
 When = date | datetime | str | None
@@ -279,18 +278,15 @@ def mark_resolved(store: StoreLike, patient_ids: Iterable[str], group_name: str)
 
 
 def reprocess(store_path: str | Path, practice_dir: str | Path, spine_url: str,
-              session_path: str | Path, group_name: str, **options: object) -> JobResult:
-    """Run a Failed job over ``group_name`` through the engine, as ``scr-nb upload failed --group``
-    does. ``options`` are JobOptions fields (concurrency, rate_limit, ack_timeout...), plus
-    ``on_progress`` and ``control`` for the engine."""
-    session = sessions.load(session_path)
-    engine_args = {k: options.pop(k) for k in ("on_progress", "control") if k in options}
-    store = Store(store_path)
-    try:
-        engine = Engine(store, session, spine_url, practice_dir, **engine_args)
-        return engine.run(JobOptions(mode=Mode.FAILED, group=group_name, **options))
-    finally:
-        store.close()
+              session_path: str | Path, group_name: str, *,
+              on_progress: Callable[[Progress], None] | None = None,
+              control: JobControl | None = None, **options: object) -> Outcome:
+    """Run a Failed job over ``group_name`` with the runner, exactly as ``scr-nb upload failed
+    --group`` does. ``options`` are JobOptions fields (concurrency, rate_limit, ack_timeout...).
+    A refusal comes back as an Outcome with exit code 3 and the reason, never as an exception."""
+    return run_upload(practice_dir, store_path, spine_url, session_path,
+                      JobOptions(mode=Mode.FAILED, group=group_name, **options),
+                      on_progress=on_progress, control=control)
 
 
 # --- the widgets ----------------------------------------------------------------------------------

@@ -13,21 +13,30 @@ import papermill
 import pytest
 from lxml import etree
 
-from scr_nb.spine import session as sessions
 from scr_nb.constants import explain
+from scr_nb.errors import RefusedError
 from scr_nb.extract.eligibility import Policy, decide
+from scr_nb.extract.nhs_number import mask
+from scr_nb.extract.reader import load_practice
 from scr_nb.job.engine import Engine
 from scr_nb.job.options import JobOptions
-from scr_nb.errors import RefusedError
-from scr_nb.extract.reader import load_practice
-from scr_nb.ui.support_desk import (
-    ack_xml, ebxml_header, failed_patients, filter_widgets, find_patient, group_names,
-    last_sent_message, mark_resolved, message_xml, reprocess, timeline,
-)
-from scr_nb.extract.nhs_number import mask
-from scr_nb.store.states import Mode
-from scr_nb.store.practice_store import Store
 from scr_nb.sim.synth import write_practice
+from scr_nb.spine import session as sessions
+from scr_nb.store.practice_store import Store
+from scr_nb.store.states import Mode
+from scr_nb.ui.support_desk import (
+    ack_xml,
+    ebxml_header,
+    failed_patients,
+    filter_widgets,
+    find_patient,
+    group_names,
+    last_sent_message,
+    mark_resolved,
+    message_xml,
+    reprocess,
+    timeline,
+)
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "investigate_errors.ipynb"
 SECOND_LOOK = "Second look"
@@ -201,20 +210,20 @@ def test_resolved_patients_are_reprocessed_and_acknowledged(failures, spine, adm
     assert mark_resolved(failures.store, resolved[:1], "Resolved by support") == 0
 
     spine.simulator.config.unknown_nhs_numbers.clear()   # PDS and the Spine now know them
-    result = reprocess(failures.store, failures.practice, spine.url, session_file,
-                       "Resolved by support", concurrency=4)
-    assert result.completed and result.job.mode == "failed"
-    assert result.job.group == "Resolved by support"
-    assert result.statistics["this_job"]["acknowledged"] == 4
+    outcome = reprocess(failures.store, failures.practice, spine.url, session_file,
+                        "Resolved by support", concurrency=4)
+    assert outcome.exit_code == 0 and outcome.job["mode"] == "failed"
+    assert outcome.job["group"] == "Resolved by support"
+    assert outcome.statistics["this_job"]["acknowledged"] == 4
     assert failed_patients(failures.store).empty
     held = {s["nhs_number"] for s in spine.simulator.summaries()}
     assert {p.nhs_number for p in failures.unknown} <= held
     steps = timeline(failures.store, find_patient(failures.store, resolved[0]))
     assert steps.iloc[-1]["ack_type"] == "AA" and steps.iloc[-1]["message_state"] == "acknowledged"
     assert pd.isna(steps.iloc[-1]["failure_code"]) and pd.isna(steps.iloc[-1]["explanation"])
-    with pytest.raises(RefusedError, match="no failed patients"):
-        reprocess(failures.store, failures.practice, spine.url, session_file,
-                  "Resolved by support")
+    again = reprocess(failures.store, failures.practice, spine.url, session_file,
+                      "Resolved by support")
+    assert again.refused and "no failed patients" in again.message
 
 
 def test_filter_widgets_rerender_the_table(failures):

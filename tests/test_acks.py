@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from scr_nb.spine.acks import parse_ack, parse_soap_fault
 from scr_nb.errors import SpineError
+from scr_nb.spine.acks import parse_ack, parse_soap_fault
 from tests.conftest import REFERENCE
 
 

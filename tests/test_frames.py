@@ -14,11 +14,11 @@ import pandas as pd
 import papermill
 import pytest
 
-from scr_nb.reporting import frames as analytics
-from scr_nb.spine import session as sessions
 from scr_nb.errors import StoreError
+from scr_nb.reporting import frames
 from scr_nb.reporting.html_report import write_report
 from scr_nb.sim.spine_sim import SimConfig, SimulatorThread
+from scr_nb.spine import session as sessions
 from scr_nb.store.practice_store import Store
 from tests.conftest import ADMIN, USERS
 from tests.test_engine import job
@@ -29,13 +29,13 @@ NHS_LIKE = re.compile(r"\b\d{10}\b|\d{3} \d{3} \d{4}")
 IMAGE_DATA = re.compile(r"data:image/png;base64,[A-Za-z0-9+/=]+")
 
 EVERY_FRAME = {
-    "completion": analytics.completion, "not_required": analytics.not_required,
-    "jobs": analytics.jobs, "messages": analytics.messages, "throughput": analytics.throughput,
-    "ack_latency": analytics.ack_latency,
-    "ack_latency_percentiles": analytics.ack_latency_percentiles,
-    "failures": analytics.failures, "failures_by_code": analytics.failures_by_code,
-    "failures_by_category": analytics.failures_by_category,
-    "failures_by_job": analytics.failures_by_job,
+    "completion": frames.completion, "not_required": frames.not_required,
+    "jobs": frames.jobs, "messages": frames.messages, "throughput": frames.throughput,
+    "ack_latency": frames.ack_latency,
+    "ack_latency_percentiles": frames.ack_latency_percentiles,
+    "failures": frames.failures, "failures_by_code": frames.failures_by_code,
+    "failures_by_category": frames.failures_by_category,
+    "failures_by_job": frames.failures_by_job,
 }
 
 
@@ -85,30 +85,30 @@ def test_frames_agree_with_the_store_status(uploaded):
     status = status_of(uploaded)
     assert status["counters"]["failed"] > 0     # the rejections left some failures to count
 
-    (completion,) = analytics.completion([uploaded]).to_dict("records")
+    (completion,) = frames.completion([uploaded]).to_dict("records")
     assert {k: completion[k] for k in status["counters"]} == status["counters"]
     assert completion["patients"] == sum(status["states"].values())
     assert completion["acknowledged"] == status["states"]["acknowledged"]
 
-    failures = analytics.failures(uploaded)
+    failures = frames.failures(uploaded)
     assert len(failures) == status["counters"]["failed"]
     assert set(failures["patient_id"]) == {
         r[0] for r in query(uploaded, "SELECT patient_id FROM patients WHERE state = 'failed'")}
     words = {"30418": "Dissent is recorded on the Spine for this patient (access control)",
              "35160": "NHS number missing or incorrect"}
     assert all(words[c] == w for c, w in zip(failures["code"], failures["words"]))
-    by_code = analytics.failures_by_code(uploaded)
+    by_code = frames.failures_by_code(uploaded)
     assert dict(zip(by_code["code"], by_code["patients"])) == status["failed_by_code"]
     assert dict(zip(by_code["code"], by_code["category"])) == {
         code: {"30418": "access", "35160": "data"}[code] for code in status["failed_by_code"]}
-    by_category = analytics.failures_by_category(uploaded)
+    by_category = frames.failures_by_category(uploaded)
     assert by_category["patients"].sum() == status["counters"]["failed"]
 
-    not_required = analytics.not_required(uploaded)
+    not_required = frames.not_required(uploaded)
     assert dict(zip(not_required["reason"], not_required["patients"])) == \
         status["not_required_by_reason"]
 
-    jobs = analytics.jobs(uploaded)
+    jobs = frames.jobs(uploaded)
     run, failed = jobs.to_dict("records")
     assert (run["mode"], failed["mode"]) == ("run", "failed")
     assert run["status"] == failed["status"] == "completed"
@@ -125,22 +125,22 @@ def test_frames_agree_with_the_store_status(uploaded):
         failed["acknowledged"] / failed["eligible_in_scope"])
     assert (jobs["duration_s"] > 0).all()
 
-    by_job = analytics.failures_by_job(uploaded)
+    by_job = frames.failures_by_job(uploaded)
     assert by_job.groupby("job_id")["failed"].sum().to_dict() == {1: run["failed"],
                                                                    2: failed["failed"]}
 
-    messages = analytics.messages(uploaded)
+    messages = frames.messages(uploaded)
     assert len(messages) == run["to_send"] + failed["to_send"]
-    per_period = analytics.throughput(uploaded, freq="1s")
+    per_period = frames.throughput(uploaded, freq="1s")
     assert per_period["queued"].sum() == per_period["transmitted"].sum() == len(messages)
     assert per_period["acknowledged"].sum() == status["counters"]["sent"]
     assert per_period["failed"].sum() == run["failed"] + failed["failed"]
     assert per_period["period"].is_monotonic_increasing
 
-    latency = analytics.ack_latency(uploaded)
+    latency = frames.ack_latency(uploaded)
     assert len(latency) == len(messages) and (latency["latency_s"] >= 0).all()
     assert set(latency["ack_type"]) == {"AA", "AE"}
-    percentiles = analytics.ack_latency_percentiles(uploaded).set_index("job_id")
+    percentiles = frames.ack_latency_percentiles(uploaded).set_index("job_id")
     assert percentiles["acks"].to_dict() == {1: run["to_send"], 2: failed["to_send"]}
     assert (percentiles["p50"] <= percentiles["p90"]).all()
     assert (percentiles["p90"] <= percentiles["p99"]).all()
@@ -150,10 +150,10 @@ def test_frames_agree_with_the_store_status(uploaded):
 def test_no_nhs_number_in_any_frame_unless_asked(uploaded):
     for name, frame_of in EVERY_FRAME.items():
         assert nhs_like(frame_of([uploaded])) == [], name
-    masked = analytics.failures(uploaded)
+    masked = frames.failures(uploaded)
     assert masked["nhs_number"].str.fullmatch(r"\d{3} \*\*\* \d{4}").all()
 
-    shown = analytics.failures(uploaded, show_nhs=True)
+    shown = frames.failures(uploaded, show_nhs=True)
     assert len(nhs_like(shown)) == len(shown) > 0        # the check above can fail
     numbers = dict(query(uploaded, "SELECT patient_id, nhs_number FROM patients"))
     assert all(numbers[p] == n for p, n in zip(shown["patient_id"], shown["nhs_number"]))
@@ -179,7 +179,7 @@ def test_report_holds_the_counters_and_charts_with_numbers_masked(uploaded, tmp_
 
     shown = write_report(uploaded, tmp_path / "reports", show_nhs=True)
     assert shown != path
-    failed = analytics.failures(uploaded, show_nhs=True)
+    failed = frames.failures(uploaded, show_nhs=True)
     assert f"<td>{failed['nhs_number'].iloc[0]}</td>" in shown.read_text(encoding="utf-8")
 
 
@@ -193,7 +193,7 @@ def test_report_on_an_empty_store_escapes_its_name(tmp_path):
     with pytest.raises(StoreError, match="no such store"):
         write_report(tmp_path / "missing.sqlite", tmp_path / "out")
     with pytest.raises(StoreError, match="no such store"):
-        analytics.jobs([tmp_path / "missing.sqlite"])
+        frames.jobs([tmp_path / "missing.sqlite"])
     assert not (tmp_path / "missing.sqlite").exists()
 
 
@@ -204,7 +204,7 @@ def test_a_clean_run_watched_while_it_runs_and_beside_another_store(
 
     def watch(progress):
         if progress.queued and not seen:
-            seen.append(analytics.jobs(store).iloc[0].to_dict())
+            seen.append(frames.jobs(store).iloc[0].to_dict())
 
     result = job(tmp_path, admin_session, spine, practice, "run", on_progress=watch)
     assert result.completed
@@ -212,16 +212,16 @@ def test_a_clean_run_watched_while_it_runs_and_beside_another_store(
     assert running["status"] == "running" and running["counted_from"] == "messages"
     assert running["queued"] >= 1 and pd.isna(running["ended_at"])
 
-    assert analytics.failures(store).empty
+    assert frames.failures(store).empty
     text = write_report(store, tmp_path / "out").read_text(encoding="utf-8")
     assert "No failed patients." in text and "No job met a failure." in text
     assert '<img src="data:image/png;base64,' in text
 
-    both = analytics.jobs([store, uploaded])
+    both = frames.jobs([store, uploaded])
     assert both["practice"].nunique() == 2                # same file name, told apart
     assert both.groupby("store")["job_id"].count().to_dict() == {str(store): 1,
                                                                  str(uploaded): 2}
-    assert set(analytics.failures_by_code([store, uploaded])["store"]) == {str(uploaded)}
+    assert set(frames.failures_by_code([store, uploaded])["store"]) == {str(uploaded)}
 
 
 @pytest.mark.kernel

@@ -15,10 +15,15 @@ import pytest
 from lxml import etree
 
 from scr_nb import constants
-from scr_nb.sim import identity
-from scr_nb.spine import mime
 from scr_nb.extract.nhs_number import check_digit
-from scr_nb.sim.spine_sim import SimConfig, SimulatorThread, add_arguments, config_from_args
+from scr_nb.sim import identity
+from scr_nb.sim.spine_sim import (
+    SimConfig,
+    SimulatorThread,
+    add_arguments,
+    config_from_args,
+)
+from scr_nb.spine import mime
 
 HL7 = "{urn:hl7-org:v3}"
 SECRET = b"test-secret-for-the-simulator"

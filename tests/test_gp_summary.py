@@ -13,10 +13,10 @@ import pytest
 from lxml import etree
 
 from scr_nb import constants as C
+from scr_nb.extract.records import Allergy, Medication, Patient
 from scr_nb.spine.content import SummaryContent, Windows, months_back, select_content
 from scr_nb.spine.gp_summary import Author, build_message, new_id, xml_text
 from scr_nb.spine.mime import parse_related
-from scr_nb.extract.records import Allergy, Medication, Patient
 from tests.conftest import REFERENCE as SAMPLES
 
 HL7 = "{urn:hl7-org:v3}"
