@@ -12,8 +12,21 @@ from scr_nb.sim.spine_sim import SimConfig, SimulatorThread
 from scr_nb.sim.synth import write_practice
 from scr_nb.spine import session as sessions
 
-# The real Spine samples: shared/ sits beside the repository, in CI as on a developer's machine.
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "spine"
+# Third-party reference data (real NHS messages) is never copied into the project: tests that use it
+# find it in ../shared/reference beside the clone and skip, saying why, when it is not there. The
+# project's own fixtures in tests/fixtures cover the same code paths without it.
+SHARED_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def reference(*parts: str) -> Path:
+    """A file or folder of ../shared/reference, or a skip naming what is missing."""
+    path = SHARED_REFERENCE.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"third-party reference data {path} is absent (it lives in ../shared/reference "
+                    "beside the clone, never in the project); the project's own fixtures cover "
+                    "this code path")
+    return path
 
 ADMIN = {"user_id": "555000000001", "passcode": "right-passcode", "name": "Dr Alex Morgan",
          "role_profile_id": "555000000001A1", "activities": ["B0062", "B0068"],

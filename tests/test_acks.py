@@ -1,4 +1,5 @@
-"""The ack parser on the real Spine acks in shared/reference/spine/, and on SOAP faults."""
+"""The ack parser on the project's own acks (tests/fixtures/acks), on the real Spine acks in
+../shared/reference/spine/ where they are beside the clone, and on SOAP faults."""
 
 from __future__ import annotations
 
@@ -6,38 +7,57 @@ import pytest
 
 from scr_nb.errors import SpineError
 from scr_nb.spine.acks import parse_ack, parse_soap_fault
-from tests.conftest import REFERENCE
+from tests.conftest import FIXTURES, reference
 
 
-def read(name: str) -> bytes:
-    return (REFERENCE / name).read_bytes()
+def own(name: str) -> bytes:
+    return (FIXTURES / "acks" / name).read_bytes()
 
 
-def test_accepted_ack_in_ebxml_mime():
-    ack = parse_ack(read("ack-AA-upload-successful.mime"))
+def real(name: str) -> bytes:
+    return reference("spine", name).read_bytes()
+
+
+@pytest.mark.parametrize("body, ref, detail", [
+    (lambda: own("aa-ebxml.mime"), "7D2E4A90-1C3B-4F5E-8A6D-2B9C0E1F3A47", ""),
+    (lambda: real("ack-AA-upload-successful.mime"), "94C77A1C-9249-4C40-B1FD-5A323F201F67",
+     "GP Summary upload successful"),
+], ids=["own", "real"])
+def test_accepted_ack_in_ebxml_mime(body, ref, detail):
+    ack = parse_ack(body())
     assert ack.type_code == "AA" and ack.accepted
-    assert ack.message_ref == "94C77A1C-9249-4C40-B1FD-5A323F201F67"
+    assert ack.message_ref == ref
     assert ack.reasons == ()
-    assert ack.detail == "GP Summary upload successful"
+    assert ack.detail == detail
     assert ack.failure_code is None
 
 
-def test_error_ack_keeps_every_reason_and_picks_the_psis_code():
-    ack = parse_ack(read("ack-AE-psis-35160.mime"))
+@pytest.mark.parametrize("body, ref, words, system", [
+    (lambda: own("ae-ebxml-400-35160.mime"), "C0FFEE00-1234-4ABC-9DEF-00112233AA55",
+     "NHS number missing or not valid", "2.16.840.1.113883.2.1.3.2.4.17.42"),
+    (lambda: real("ack-AE-psis-35160.mime"), "B87BE5AD-0F90-4261-A102-E14B95B456DB",
+     "NHS Number is missing or incorrect", "2.16.840.1.113883.2.1.3.2.4.17.33"),
+], ids=["own", "real"])
+def test_error_ack_keeps_every_reason_and_picks_the_psis_code(body, ref, words, system):
+    ack = parse_ack(body())
     assert ack.type_code == "AE" and not ack.accepted
-    assert ack.message_ref == "B87BE5AD-0F90-4261-A102-E14B95B456DB"
+    assert ack.message_ref == ref
     assert [r.code for r in ack.reasons] == ["400", "35160"]
     assert ack.reasons[0].display == "Invalid Request"
-    assert "NHS Number is missing or incorrect" in ack.reasons[1].display
+    assert words in ack.reasons[1].display
     assert {r.qualifier for r in ack.reasons} == {"ER"}
-    assert {r.code_system for r in ack.reasons} == {"2.16.840.1.113883.2.1.3.2.4.17.33"}
+    assert {r.code_system for r in ack.reasons} == {system}
     assert ack.failure_code == "35160"
 
 
-def test_soap_wrapped_ack_with_nested_qualifier_value():
-    ack = parse_ack(read("ack-MCCI_IN010000UK13.xml"))
+@pytest.mark.parametrize("body, ref", [
+    (lambda: own("ae-soap-nested-qualifier.xml"), "99AA88BB-77CC-46DD-95EE-44FF33001122"),
+    (lambda: real("ack-MCCI_IN010000UK13.xml"), "11111111-65D3-EC42-BC31-62522532BC5D"),
+], ids=["own", "real"])
+def test_soap_wrapped_ack_with_nested_qualifier_value(body, ref):
+    ack = parse_ack(body())
     assert ack.type_code == "AE"
-    assert ack.message_ref == "11111111-65D3-EC42-BC31-62522532BC5D"
+    assert ack.message_ref == ref
     assert len(ack.reasons) == 1
     reason = ack.reasons[0]
     assert (reason.code, reason.qualifier, reason.code_system) == (
@@ -45,10 +65,13 @@ def test_soap_wrapped_ack_with_nested_qualifier_value():
     assert ack.failure_code == "0"
 
 
-def test_boundary_from_the_content_type_header_is_used():
-    body = read("ack-AA-upload-successful.mime")
-    ack = parse_ack(body, 'multipart/related; boundary="--=_MIME-Boundary"; type="text/xml"')
-    assert ack.accepted
+@pytest.mark.parametrize("body, content_type", [
+    (lambda: own("aa-ebxml.mime"), 'multipart/related; boundary="--=_Boundary-scr-nb-fixture"'),
+    (lambda: real("ack-AA-upload-successful.mime"),
+     'multipart/related; boundary="--=_MIME-Boundary"; type="text/xml"'),
+], ids=["own", "real"])
+def test_boundary_from_the_content_type_header_is_used(body, content_type):
+    assert parse_ack(body(), content_type).accepted
 
 
 def test_an_answer_without_an_acknowledgement_is_an_error():
@@ -66,7 +89,7 @@ def test_soap_fault_code_and_words():
             b'</soap:Fault></soap:Body></soap:Envelope>')
     fault = parse_soap_fault(body)
     assert fault.code == "208" and fault.description == "Timeout"
-    assert parse_soap_fault(read("ack-AA-upload-successful.mime")) is None
+    assert parse_soap_fault(own("aa-ebxml.mime")) is None
 
 
 def test_soap_fault_code_in_another_wrapper():

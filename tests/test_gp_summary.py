@@ -1,7 +1,8 @@
 """The GP Summary message: content windows, the ebXML envelope, the HL7 payload and its escaping.
 
 Built messages are taken apart the way the Spine would: split with ``mime.parse_related`` and parsed
-with lxml, then compared with the real samples in ``shared/reference/spine/``.
+with lxml, then compared with the real samples in ``../shared/reference/spine/`` where they are
+beside the clone.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from scr_nb.extract.records import Allergy, Medication, Patient
 from scr_nb.spine.content import SummaryContent, Windows, months_back, select_content
 from scr_nb.spine.gp_summary import Author, build_message, new_id, xml_text
 from scr_nb.spine.mime import parse_related
-from tests.conftest import REFERENCE as SAMPLES
+from tests.conftest import reference
 
 HL7 = "{urn:hl7-org:v3}"
 NS = {"hl7": C.HL7_NS, "soap": C.SOAP_NS, "eb": C.EBXML_NS, "xlink": C.XLINK_NS,
@@ -279,7 +280,7 @@ def test_ebxml_header_fields():
 
 
 def test_ebxml_header_has_the_shape_of_the_ack_samples():
-    sample_part = parse_related((SAMPLES / "ack-AA-upload-successful.mime").read_bytes())[0]
+    sample_part = parse_related(reference("spine", "ack-AA-upload-successful.mime").read_bytes())[0]
     sample = etree.fromstring(sample_part.body)
     _, header, _ = split(build())
     ours, theirs = skeleton(header, stop=()), skeleton(sample, stop=())
@@ -345,7 +346,7 @@ def test_payload_ids_codes_and_oids():
 
 def sample_summary(name: str):
     """The sample's GPSummary element (the standard sample is one, in no namespace)."""
-    root = etree.parse(str(SAMPLES / name)).getroot()
+    root = etree.parse(str(reference("spine", name))).getroot()
     return root if local(root) == "GPSummary" else root.find(f".//{HL7}GPSummary")
 
 
@@ -362,7 +363,7 @@ def test_gp_summary_skeleton_matches_the_soap_sample():
 
 
 def test_control_act_wrapper_matches_the_soap_sample():
-    sample = etree.parse(str(SAMPLES / "gp-summary-soap-1.xml")).find(f".//{HL7}REPC_IN150016UK05")
+    sample = etree.parse(str(reference("spine", "gp-summary-soap-1.xml"))).find(f".//{HL7}REPC_IN150016UK05")
     _, _, payload = split(build())
     theirs, ours = skeleton(sample, stop=("subject",)), skeleton(payload, stop=("subject",))
     assert fixed_all(ours) == fixed_all(theirs)
