@@ -62,7 +62,7 @@ def bench_size(patients: int, workdir: Path) -> dict:
     eligible = [d for d in decisions if d.eligible]
     load_s, decide_s = loaded - started, decided - loaded
 
-    author = Author(user_id="555000000001", name="Dr Alex Morgan", role_profile_id="555000000001A1")
+    author = Author(user_id="555000000001", name="Dr Alex Morgan", role_profile_id="555000001001")
     windows = Windows(today=today)
     created = datetime.now(timezone.utc)
     meds, allergies = practice.medications, practice.allergies

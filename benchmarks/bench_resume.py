@@ -27,7 +27,7 @@ from scr_nb.store.practice_store import Store
 from scr_nb.store.states import Mode
 
 USER = {"user_id": "555000000001", "passcode": "bench", "name": "Bench Mark",
-        "role_profile_id": "555000000001A1", "activities": ["B0062"], "session_hours": 10}
+        "role_profile_id": "555000001001", "activities": ["B0062"], "session_hours": 10}
 
 
 def main() -> int:

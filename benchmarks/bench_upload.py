@@ -53,7 +53,7 @@ from scr_nb.store.states import Mode
 HOST = "127.0.0.1"
 SEED = 20240611
 USER = {"user_id": "555000000001", "passcode": "bench-passcode", "name": "Dr Alex Morgan",
-        "role_profile_id": "555000000001A1", "activities": ["B0062"], "session_hours": 10}
+        "role_profile_id": "555000001001", "activities": ["B0062"], "session_hours": 10}
 ASID = "200000000001"
 
 

@@ -29,10 +29,10 @@ def reference(*parts: str) -> Path:
     return path
 
 ADMIN = {"user_id": "555000000001", "passcode": "right-passcode", "name": "Dr Alex Morgan",
-         "role_profile_id": "555000000001A1", "activities": ["B0062", "B0068"],
+         "role_profile_id": "555000001001", "activities": ["B0062", "B0068"],
          "session_hours": 10}
 CLERK = {"user_id": "555000000002", "passcode": "clerk-passcode", "name": "Sam Clerk",
-         "role_profile_id": "555000000002A1", "activities": ["B0068"], "session_hours": 10}
+         "role_profile_id": "555000001002", "activities": ["B0068"], "session_hours": 10}
 USERS = [ADMIN, CLERK]
 
 

@@ -23,7 +23,7 @@ import httpx
 from scr_nb.ui import cli
 
 DEMO_USER = {"user_id": "555000000001", "passcode": "demo-passcode", "name": "Dr Alex Morgan",
-             "role_profile_id": "555000000001A1", "activities": ["B0062", "B0068"],
+             "role_profile_id": "555000001001", "activities": ["B0062", "B0068"],
              "session_hours": 10}
 
 
