@@ -1,7 +1,8 @@
 """Facts from the NHS world, each with where it comes from, so a reader can check them.
 
 "samples" means the real Spine messages in ``shared/reference/spine/`` (from the public
-NHSDigital/summary-care-record-api repository); "SPEC" means ``shared/SPEC.md``.
+NHSDigital/summary-care-record-api repository); "SPEC" means ``shared/SPEC.md``; "MIM" the NHS MIM
+7.2.02 schemas and examples; "Spine rules" the Spine's validation stylesheets.
 """
 
 from __future__ import annotations
@@ -47,20 +48,43 @@ EXCERPT_TEMPLATE = "CSAT_RM-NPfITUK10.excerptFrom"  # gp-summary-soap-1.xml (the
 PRESENTATION_TEXT_CODE = "PresentationText"  # samples, code system OID_PRESENTATION_TEXT
 DOSE_INSTRUCTIONS_CODE = "DI"  # public SCR GP Summary mapping notes, code system OID_DOSE_INSTRUCTIONS
 
-# Coded entries. The Medication and Allergy CRE types and the entry element names below come from a
-# public NPfIT schematron of allowed CMETs per CRE type, not from our samples: check every one against
-# the published GP Summary message specification (MIM) before live use.
-ALLERGY_CRE = "163221000000102"  # "Allergies and Adverse Reactions" CRE type (schematron)
-ACUTE_MEDICATION_ENTRY = "UKCT_MT144040UK01.AcuteMedication"  # also in the public mapping notes
-REPEAT_MEDICATION_ENTRY = "UKCT_MT144040UK01.CurrentRepeatMedication"  # schematron only
-DISCONTINUED_MEDICATION_ENTRY = "UKCT_MT144040UK01.DiscontinuedRepeatMedication"  # schematron only
-ALLERGY_ENTRY = "UKCT_MT144053UK02.Allergy"  # schematron only; its inner shape is our best guess
-# The entry code of repeat items (as 222671000000103 is for acute ones) is in none of our references:
-# until it is checked against the MIM, repeat entries carry <code nullFlavor="UNK"/>. Set it here.
-REPEAT_MEDICATION_CODE = ""
+# Coded entries: CRE types, entry element names and fixed entry codes from the MIM 7.2.02 schemas
+# REPC_MT150007UK05 (public repository pacharanero/mim) and its GP Summary examples
+# (Examples/GP Summary/REPC_EX150007UK05_01 to _03).
+ALLERGY_CRE = "163221000000102"  # "Allergies and Adverse Reactions"
+ACUTE_MEDICATION_ENTRY = "UKCT_MT144040UK01.AcuteMedication"
+REPEAT_MEDICATION_ENTRY = "UKCT_MT144040UK01.CurrentRepeatMedication"
+DISCONTINUED_MEDICATION_ENTRY = "UKCT_MT144040UK01.DiscontinuedRepeatMedication"
+ALLERGY_ENTRY = "UKCT_MT144053UK02.Allergy"
+REPEAT_MEDICATION_CODE = "222681000000101"  # fixed code of CurrentRepeatMedication
 REPEAT_MEDICATION_DISPLAY = "Repeat medication"
+DISCONTINUED_MEDICATION_CODE = "222691000000104"  # fixed code of DiscontinuedRepeatMedication
+DISCONTINUED_MEDICATION_DISPLAY = "Discontinued repeat medication"
+# A GP Summary holds at least one coded entry (pertinentInformation2 is 1..*). The two summaries with
+# no clinical item carry these entries (MIM examples _02 and _03), and the Spine's GP Summary rules
+# (nhsdigitalmait/SPINE_schema, spine2_xslt/REPC_IN1500xxUK05_GPSummary.xsl) recognise the two cases
+# by these exact phrases in the presentation text: the dissent phrase in an h1, h2, h3 or td, the
+# no-significant-data phrase in an h3.
+FINDINGS_CRE = "163131000000108"  # "Clinical Observations and Findings"
+FINDINGS_CRE_DISPLAY = "Clinical Observations and Findings"
+FINDING_ENTRY = "UKCT_MT144043UK02.Finding"
+NO_SIGNIFICANT_DATA_CODE = "184229000"
+NO_SIGNIFICANT_DATA_DISPLAY = "notes summary on computer"
+NO_SIGNIFICANT_DATA_PHRASE = "The practice holds no significant data on this patient"
+PREFERENCES_CRE = "162961000000108"  # "Personal Preferences"
+PREFERENCES_CRE_DISPLAY = "Personal Preferences"
+REFUSAL_ENTRY = "UKCT_MT144056UK01.Refusal"
+DISSENT_CODE = "416308001"
+DISSENT_DISPLAY = "refused consent for upload to national shared electronic record"
+DISSENT_PHRASE = "Refused consent for upload to national shared electronic record"
+# The author's SDS user id and role profile id: 12 digits (MIM data types, pattern [0-9]{12}).
+SDS_ID_PATTERN = r"[0-9]{12}"
 
 # --- ebXML envelope (the lead's message brief; confirm with the Spine's SDS/CPA details before live use)
+# The reliable-messaging elements (DuplicateElimination, AckRequested, SyncReply) follow the Spine's
+# ebXML rules (SPINE_schema spine2_xslt/ebxmlReliableValidator.xsl), as NHS Digital's SCR API sends them.
+SOAP_NEXT_ACTOR = "http://schemas.xmlsoap.org/soap/actor/next"  # eb:SyncReply/@soap:actor
+TO_PARTY_MSH_ACTOR = "urn:oasis:names:tc:ebxml-msg:actor:toPartyMSH"  # eb:AckRequested/@soap:actor
 SPINE_PARTY_KEY = "YES-0000806"  # eb:To party key of the Spine's PSIS endpoint
 SPINE_CPA_ID = "S20001A000100"  # eb:CPAId of the REPC_IN150016SM05 agreement
 EBXML_PARTY_TYPE = "urn:nhs:names:partyType:ocs+serviceInstance"  # eb:PartyId/@eb:type (ack samples)

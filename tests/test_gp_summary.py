@@ -273,6 +273,12 @@ def test_ebxml_header_fields():
     assert head.find("eb:DuplicateElimination", NS) is not None
     ack = header.find("soap:Header/eb:AckRequested", NS)
     assert ack.get(f"{{{C.SOAP_NS}}}actor") == "urn:oasis:names:tc:ebxml-msg:actor:toPartyMSH"
+    assert (ack.get(f"{{{C.EBXML_NS}}}version"), ack.get(f"{{{C.EBXML_NS}}}signed")) == ("2.0", "false")
+    # the Spine's reliable pattern: exactly one SyncReply, version 2.0, for the next SOAP actor
+    sync = header.findall("soap:Header/eb:SyncReply", NS)
+    assert len(sync) == 1
+    assert sync[0].get(f"{{{C.EBXML_NS}}}version") == "2.0"
+    assert sync[0].get(f"{{{C.SOAP_NS}}}actor") == "http://schemas.xmlsoap.org/soap/actor/next"
     reference = header.find("soap:Body/eb:Manifest/eb:Reference", NS)
     assert reference.get(f"{{{C.XLINK_NS}}}href") == f"cid:{mid}@scr-nb"
     # HL7 times are the creation's own wall clock
@@ -284,8 +290,8 @@ def test_ebxml_header_has_the_shape_of_the_ack_samples():
     sample = etree.fromstring(sample_part.body)
     _, header, _ = split(build())
     ours, theirs = skeleton(header, stop=()), skeleton(sample, stop=())
-    # an ack refers to the message it answers and is sent synchronously; an upload does neither
-    theirs = {p: a for p, a in theirs.items() if "RefToMessageId" not in p and "SyncReply" not in p}
+    # an ack refers to the message it answers; an upload does not
+    theirs = {p: a for p, a in theirs.items() if "RefToMessageId" not in p}
     assert set(ours) == set(theirs)
     own = ("Body/Manifest/Reference", "Body/Manifest/Reference/Schema")   # cid and schema of the payload
     assert {p: a for p, a in ours.items() if p not in own} == \
@@ -454,7 +460,14 @@ def test_coded_entries_one_component_per_item():
                          f"{HL7}manufacturedManufacturedMaterial/{HL7}code")
     assert product.attrib == {"code": "322236009", "codeSystem": C.OID_SNOMED,
                               "displayName": "Paracetamol 500mg tablets"}
+    # every medication entry carries its fixed entry code, never a nullFlavor (MIM schema)
+    assert meds[1].find(f"{HL7}code").attrib == {"code": "222681000000101", "codeSystem": C.OID_SNOMED,
+                                                "displayName": "Repeat medication"}
     stopped = meds[2]
+    assert stopped.find(f"{HL7}code").attrib == {"code": "222691000000104",
+                                                "codeSystem": C.OID_SNOMED,
+                                                "displayName": "Discontinued repeat medication"}
+    assert b"nullFlavor=\"UNK\"/><statusCode" not in etree.tostring(payload)
     assert stopped.find(f"{HL7}statusCode").get("code") == "aborted"
     assert stopped.find(f"{HL7}effectiveTime/{HL7}high").get("value") == "20240801"
     entry_ids = [m.find(f"{HL7}id").get("root") for m in meds]
@@ -464,6 +477,21 @@ def test_coded_entries_one_component_per_item():
     assert [local(a) for a in allergies] == [C.ALLERGY_ENTRY]
     assert allergies[0].find(f"{HL7}code").attrib == {"code": "91936005", "codeSystem": C.OID_SNOMED,
                                                      "displayName": "Allergy to penicillin"}
+
+
+def test_a_blank_dosage_keeps_its_required_dosage_part():
+    content = select_content([med("M1", "acute", TODAY, dosage=""), med("M2", "repeat", TODAY,
+                                                                      dosage="  ")], [], WINDOWS)
+    _, _, payload = split(build(content))
+    entries = summary_of(payload).findall(f".//{HL7}pertinentCREType/{HL7}component")
+    assert len(entries) == 2
+    for component in entries:
+        value = component[2].find(f"{HL7}pertinentInformation1/{HL7}pertinentDosageInstructions/"
+                                  f"{HL7}value")
+        assert value is not None and value.get("nullFlavor") == "NI" and not value.text
+        # the dosage part comes straight after effectiveTime, as the schema orders it
+        assert [local(e) for e in component[2]][:5] == ["id", "code", "statusCode", "effectiveTime",
+                                                        "pertinentInformation1"]
 
 
 def test_items_without_codes_carry_their_text():
@@ -479,7 +507,7 @@ def test_items_without_codes_carry_their_text():
         "Reacts to plasters"
 
 
-def test_empty_sections_read_no_relevant_information_and_have_no_coded_entries():
+def test_a_summary_with_nothing_to_send_carries_the_no_significant_data_finding():
     empty = select_content([], [], WINDOWS)
     _, _, payload = split(build(empty))
     html = html_of(payload)
@@ -488,7 +516,21 @@ def test_empty_sections_read_no_relevant_information_and_have_no_coded_entries()
         assert len(cells) == 1
         assert cells[0].text == "No relevant information available for this category"
         assert cells[0].get("colspan") == "5"
-    assert summary_of(payload).find(f"{HL7}pertinentInformation2") is None
+    # the Spine recognises the case by this phrase in an h3 (its GP Summary rules)
+    assert [h.text for h in html.findall("x:body/x:h3", NS)][-1] == \
+        "The practice holds no significant data on this patient"
+    # a GP Summary holds at least one coded entry: the Finding "notes summary on computer"
+    blocks = summary_of(payload).findall(f"{HL7}pertinentInformation2")
+    assert len(blocks) == 1
+    assert blocks[0].find(f"{HL7}pertinentCREType/{HL7}code").attrib == {
+        "code": "163131000000108", "codeSystem": C.OID_SNOMED,
+        "displayName": "Clinical Observations and Findings"}
+    finding = blocks[0].find(f"{HL7}pertinentCREType/{HL7}component/{HL7}UKCT_MT144043UK02.Finding")
+    assert finding.find(f"{HL7}code").get("code") == "184229000"
+    assert finding.find(f"{HL7}code").get("displayName") == "notes summary on computer"
+    assert finding.find(f"{HL7}statusCode").get("code") == "completed"
+    assert finding.find(f"{HL7}effectiveTime").get("value") == "20240831"
+    assert UUID_UPPER.fullmatch(finding.find(f"{HL7}id").get("root"))
 
 
 def test_only_the_sections_with_items_carry_coded_entries():
@@ -516,10 +558,24 @@ def test_dissent_builds_a_blank_summary_that_states_the_dissent():
     html = html_of(payload)
     statement = html.find("x:body/x:p[@id='DissentStatement']", NS)
     assert statement is not None and "dissented" in statement.text
+    # the Spine recognises dissent only by this exact phrase in an h1, h2, h3 or td
+    assert html.find("x:body/x:h2[@id='DissentHeader']", NS).text == \
+        "Refused consent for upload to national shared electronic record"
     for table_id in ("Allergies", "AcuteMeds", "RepeatMeds", "DiscRepeatMeds"):
         assert rows(html, table_id) == [[C.EMPTY_SECTION_TEXT]]
     summary = summary_of(payload)
-    assert summary.find(f"{HL7}pertinentInformation2") is None
+    blocks = summary.findall(f"{HL7}pertinentInformation2")
+    assert [b.find(f"{HL7}pertinentCREType/{HL7}code").get("code") for b in blocks] == \
+        ["162961000000108"]
+    refusal = blocks[0].find(f"{HL7}pertinentCREType/{HL7}component/{HL7}UKCT_MT144056UK01.Refusal")
+    assert refusal.find(f"{HL7}code").attrib == {
+        "code": "416308001", "codeSystem": C.OID_SNOMED,
+        "displayName": "refused consent for upload to national shared electronic record"}
+    assert [local(e) for e in refusal] == ["id", "code", "effectiveTime"]
+    assert refusal.find(f"{HL7}effectiveTime").get("value") == "20240831"   # no date given: today
+    _, _, dated = split(build(typical_content(), dissent=True, dissent_on=date(2023, 5, 4)))
+    assert dated.find(f".//{HL7}UKCT_MT144056UK01.Refusal/{HL7}effectiveTime").get("value") == \
+        "20230504"
     assert summary.find(f"{HL7}recordTarget/{HL7}patient/{HL7}id").get("extension") == "9990000018"
     for text in (b"Paracetamol", b"Atorvastatin", b"Ramipril", b"penicillin"):
         assert text not in message.body
@@ -548,7 +604,8 @@ def test_hostile_text_everywhere_stays_well_formed_and_reads_back_as_written():
              dmd='1" onload="x'),
          med("M2", "repeat", TODAY, drug="<b>bold</b>", dosage="]]>", quantity=HOSTILE, dmd="")],
         [allergy("A1", description=HOSTILE, code="<&>", kind=HOSTILE)], WINDOWS)
-    author = Author(user_id="1<2", name=HOSTILE, role_profile_id="\"x\"", job_role="R0260&",
+    author = Author(user_id="555000000001", name=HOSTILE, role_profile_id="555000001001",
+                    job_role="R0260&",
                     sender_asid="1>0", receiver_asid="'", practice_ods="A&1", practice_name=HOSTILE,
                     sender_party_key="<K>")
     message = build(content, patient=patient('99900"/><x y="'), author=author)
@@ -569,7 +626,7 @@ def test_hostile_text_everywhere_stays_well_formed_and_reads_back_as_written():
     assert product.get("code") == '1" onload="x' and product.get("displayName") == clean(HOSTILE)
     assert summary.find(f".//{HL7}UKCT_MT144053UK02.Allergy/{HL7}code").get("code") == "<&>"
     person = payload.find(f"{HL7}ControlActEvent/{HL7}author/{HL7}AgentPersonSDS")
-    assert person.find(f"{HL7}agentPersonSDS/{HL7}id").get("extension") == "1<2"
+    assert person.find(f"{HL7}agentPersonSDS/{HL7}id").get("extension") == "555000000001"
     assert summary.findtext(f".//{HL7}UKCT_MT160018UK01.AgentPersonSDS//{HL7}name") == clean(HOSTILE)
     assert len(html.findall(".//x:b", NS)) == 0        # markup in data stays text
 
@@ -579,6 +636,18 @@ def test_hostile_text_everywhere_stays_well_formed_and_reads_back_as_written():
 def test_ids_must_be_upper_case_uuids(field, bad):
     with pytest.raises(ValueError, match=field):
         build(**{field: bad})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("user_id", "55500000000"), ("user_id", "1<2"), ("role_profile_id", "555000001001A1"),
+    ("role_profile_id", "５５５０００００１００１"), ("role_profile_id", ""),
+])
+def test_author_ids_must_be_12_digit_sds_ids(field, value):
+    """The Spine's schema takes only 12 ASCII digits for the author's user and role profile ids."""
+    author = Author(**{"user_id": "555000000001", "role_profile_id": "555000001001",
+                       "name": "Dr A", field: value})
+    with pytest.raises(ValueError, match="12-digit SDS id"):
+        build(author=author)
 
 
 def test_new_id_is_a_fresh_upper_case_uuid4():

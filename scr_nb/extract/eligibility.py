@@ -53,13 +53,18 @@ def patient_key(patient: Patient, duplicated_ids: set[str]) -> str:
     return patient.patient_id
 
 
-def latest_consent(entries: list[ConsentEntry] | None) -> str | None:
-    """The latest entry wins (by recorded_on, then by position in the file); legacy codes mapped."""
+def latest_consent_entry(entries: list[ConsentEntry] | None) -> ConsentEntry | None:
+    """The latest entry wins (by recorded_on, then by position in the file)."""
     if not entries:
         return None
     dated = [e for e in entries if e.recorded_on is not None] or entries
-    latest = max(dated, key=lambda e: (e.recorded_on or date.min, e.row))
-    return LEGACY_CONSENT.get(latest.code, latest.code)
+    return max(dated, key=lambda e: (e.recorded_on or date.min, e.row))
+
+
+def latest_consent(entries: list[ConsentEntry] | None) -> str | None:
+    """The latest entry's code, legacy codes mapped."""
+    latest = latest_consent_entry(entries)
+    return None if latest is None else LEGACY_CONSENT.get(latest.code, latest.code)
 
 
 def decide(practice: Practice, policy: Policy) -> list[Decision]:

@@ -20,15 +20,16 @@ from scr_nb.extract.records import Medication, Patient
 from scr_nb.spine.content import SummaryContent, Windows, window_starts
 from scr_nb.spine.mime import build_related
 
-__all__ = ["Author", "OutboundMessage", "build_message", "new_id", "xml_text"]
+__all__ = ["Author", "OutboundMessage", "build_message", "check_author", "new_id", "xml_text"]
 
 CONTENT_ID_DOMAIN = "scr-nb"
 HEADER_CONTENT_ID = f"ebXMLHeader@{CONTENT_ID_DOMAIN}"
 BOUNDARY_PREFIX = "--=_MIME-Boundary-"
 DISSENT_TEXT = (
-    "This patient has dissented from sharing their Summary Care Record. "
-    "No clinical information is included in this summary."
+    "This patient has dissented from sharing their Summary Care Record: no clinical information is "
+    "included in this summary."
 )
+_SDS_ID = re.compile(C.SDS_ID_PATTERN)
 
 
 # --- Text and ids -----------------------------------------------------------------------------------
@@ -115,9 +116,21 @@ class Author:
     sender_party_key: str = "A12345-0000001"
 
 
+def check_author(author: Author) -> None:
+    """The author's SDS user id and role profile id must be 12-digit SDS ids: the Spine's schema
+    rejects anything else. Raises ValueError naming the field."""
+    for field, value in (("user id", author.user_id), ("role profile id", author.role_profile_id)):
+        if not isinstance(value, str) or _SDS_ID.fullmatch(value) is None:
+            raise ValueError(f"the author's SDS {field} {value!r} is not a 12-digit SDS id: the "
+                             "Spine rejects it. Log in with the Smartcard user and role profile "
+                             "as Care Identity Service issues them")
+
+
 @lru_cache(maxsize=64)
 def _author_xml(author: Author) -> dict[str, str]:
-    """The author's fields escaped once; a job sends thousands of messages for the same author."""
+    """The author's fields escaped once (and checked); a job sends thousands of messages for the
+    same author."""
+    check_author(author)
     name = xml_text(author.name)
     practice = xml_text(author.practice_name)
     ods = xml_text(author.practice_ods)
@@ -197,12 +210,15 @@ _EB_PAYLOAD = (
 
 def build_message(patient: Patient, content: SummaryContent, *, author: Author, message_id: str,
                   event_id: str, created: datetime, prior_event_id: str | None = None,
-                  dissent: bool = False) -> OutboundMessage:
+                  dissent: bool = False, dissent_on: date | None = None) -> OutboundMessage:
     """The ebXML multipart REPC_IN150016SM05 carrying ``content`` as the patient's GP Summary.
 
     ``created`` gives the HL7 times as its own wall-clock time and the ebXML timestamp in UTC (a naive
     value is taken as UTC). ``dissent`` builds the blank summary of the ``blank`` dissent policy: no
-    clinical content, a statement of the dissent, every section empty.
+    clinical content, the Refusal entry (dated ``dissent_on``, the day the dissent was recorded, else
+    the day of the summary) and the heading the Spine recognises, every section empty. A summary
+    with no item in any window carries the "no significant data" Finding instead, since a GP
+    Summary holds at least one coded entry.
     """
     _check_id("message_id", message_id)
     _check_id("event_id", event_id)
@@ -218,8 +234,14 @@ def build_message(patient: Patient, content: SummaryContent, *, author: Author, 
     if dissent:
         content = SummaryContent((), (), (), (), windows)
 
-    html = _presentation_html(content, windows, created, who, dissent)
-    coded = _medication_entries(content, event_id) + _allergy_entries(content, event_id)
+    nothing = not (content.acute or content.repeat or content.discontinued or content.allergies)
+    html = _presentation_html(content, windows, created, who, dissent, nothing)
+    if dissent:
+        coded = _refusal_entry(event_id, dissent_on or created.date())
+    elif nothing:
+        coded = _no_significant_data_entry(event_id, created.date())
+    else:
+        coded = _medication_entries(content, event_id) + _allergy_entries(content, event_id)
     replaces = ""
     if prior_event_id:
         replaces = ('<replacementOf typeCode="RPLC">'
@@ -269,7 +291,8 @@ def build_message(patient: Patient, content: SummaryContent, *, author: Author, 
         f'<eb:Timestamp>{timestamp}</eb:Timestamp></eb:MessageData>'
         '<eb:DuplicateElimination/></eb:MessageHeader>'
         '<eb:AckRequested eb:version="2.0" soap:mustUnderstand="1" '
-        'soap:actor="urn:oasis:names:tc:ebxml-msg:actor:toPartyMSH" eb:signed="false"/>'
+        f'soap:actor="{C.TO_PARTY_MSH_ACTOR}" eb:signed="false"/>'
+        f'<eb:SyncReply eb:version="2.0" soap:mustUnderstand="1" soap:actor="{C.SOAP_NEXT_ACTOR}"/>'
         f'</soap:Header><soap:Body>{_EB_MANIFEST}{message_id}@{CONTENT_ID_DOMAIN}">{_EB_PAYLOAD}'
         '</soap:Body></soap:Envelope>\n'
     ).encode("utf-8")
@@ -327,13 +350,16 @@ _ALLERGY_KINDS = {"allergy": "Allergy", "intolerance": "Intolerance",
 
 
 def _presentation_html(content: SummaryContent, windows: Windows, created: datetime,
-                       who: dict[str, str], dissent: bool) -> str:
+                       who: dict[str, str], dissent: bool, nothing: bool) -> str:
     today = windows.today
     _, _, stopped_from, acute_from = window_starts(windows)
     at = f"{_shown(created.date())} {created.hour:02d}:{created.minute:02d}"
     parts = [_HTML_HEAD, f'<p id="CreateTime">Summary Created: {at}</p>']
     if dissent:
-        parts.append(f'<p id="DissentStatement" class="HighlightedStatement">{DISSENT_TEXT}</p>')
+        parts.append(f'<h2 id="DissentHeader">{C.DISSENT_PHRASE}</h2>'
+                     f'<p id="DissentStatement" class="HighlightedStatement">{DISSENT_TEXT}</p>')
+    elif nothing:
+        parts.append(f'<h3 id="NoSignificantData">{C.NO_SIGNIFICANT_DATA_PHRASE}</h3>')
     parts += [who["author_p"], who["practice_p"], _ALLERGY_TABLE]
 
     for n, allergy in enumerate(content.allergies):
@@ -407,8 +433,9 @@ _COMPONENT_OPEN = (
 _ACUTE_CODE = (f'<code code="{C.ACUTE_MEDICATION_CODE}" codeSystem="{C.OID_SNOMED}" '
                f'displayName="Acute medication"/>')
 _REPEAT_CODE = (f'<code code="{C.REPEAT_MEDICATION_CODE}" codeSystem="{C.OID_SNOMED}" '
-                f'displayName="{C.REPEAT_MEDICATION_DISPLAY}"/>' if C.REPEAT_MEDICATION_CODE
-                else '<code nullFlavor="UNK"/>')
+                f'displayName="{C.REPEAT_MEDICATION_DISPLAY}"/>')
+_DISCONTINUED_CODE = (f'<code code="{C.DISCONTINUED_MEDICATION_CODE}" codeSystem="{C.OID_SNOMED}" '
+                      f'displayName="{C.DISCONTINUED_MEDICATION_DISPLAY}"/>')
 _QUANTITY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(.*)", re.DOTALL | re.ASCII)  # "28 tablet" -> 28, tablet
 _QUANTITY_CODE = f'<code code="{C.QUANTITY_CODE}" codeSystem="{C.OID_SNOMED}" displayName="Quantity"/>'
 _DOSAGE_CODE = (f'<code code="{C.DOSE_INSTRUCTIONS_CODE}" codeSystem="{C.OID_DOSE_INSTRUCTIONS}" '
@@ -436,7 +463,7 @@ def _medication_entries(content: SummaryContent, event_id: str) -> str:
         low = f'<low value="{_hl7_date(med.prescribed_on)}"/>' if med.prescribed_on else ""
         high = f'<high value="{_hl7_date(med.discontinued_on)}"/>' if med.discontinued_on else ""
         parts.append(_medication_entry(
-            med, C.DISCONTINUED_MEDICATION_ENTRY, _REPEAT_CODE, "aborted",
+            med, C.DISCONTINUED_MEDICATION_ENTRY, _DISCONTINUED_CODE, "aborted",
             f'<effectiveTime>{low}{high}</effectiveTime>' if low or high else _effective(None),
             _derived_id(event_id, "discontinued", str(n), med.medication_id)))
     parts.append(_CRE_CLOSE)
@@ -446,13 +473,13 @@ def _medication_entries(content: SummaryContent, event_id: str) -> str:
 def _medication_entry(med: Medication, element: str, code: str, status: str, effective: str,
                       entry_id: str) -> str:
     drug = xml_text(med.drug)
-    dosage = ""
-    if med.dosage:
-        dosage = ('<pertinentInformation1 typeCode="PERT" contextConductionInd="true">'
-                  '<seperatableInd value="false"/>'
-                  '<pertinentDosageInstructions classCode="OBS" moodCode="EVN">'
-                  f'<value>{xml_text(med.dosage)}</value>{_DOSAGE_CODE}'
-                  '</pertinentDosageInstructions></pertinentInformation1>')
+    # The dosage part is required in every medication entry; a blank dosage is "no information".
+    value = (f'<value>{xml_text(med.dosage)}</value>' if med.dosage.strip()
+             else '<value nullFlavor="NI"/>')
+    dosage = ('<pertinentInformation1 typeCode="PERT" contextConductionInd="true">'
+              '<seperatableInd value="false"/>'
+              '<pertinentDosageInstructions classCode="OBS" moodCode="EVN">'
+              f'{value}{_DOSAGE_CODE}</pertinentDosageInstructions></pertinentInformation1>')
     quantity = ""
     if med.quantity:
         amount = _QUANTITY.fullmatch(med.quantity)
@@ -496,3 +523,26 @@ def _allergy_entries(content: SummaryContent, event_id: str) -> str:
                      f'<statusCode code="completed"/>{when}</{element}></component>')
     parts.append(_CRE_CLOSE)
     return "".join(parts)
+
+
+_FINDINGS_CRE_OPEN = _cre_open(C.FINDINGS_CRE, C.FINDINGS_CRE_DISPLAY)
+_PREFERENCES_CRE_OPEN = _cre_open(C.PREFERENCES_CRE, C.PREFERENCES_CRE_DISPLAY)
+
+
+def _no_significant_data_entry(event_id: str, day: date) -> str:
+    """The Finding "notes summary on computer" of a summary with nothing to send (MIM example _02)."""
+    return (f'{_FINDINGS_CRE_OPEN}{_COMPONENT_OPEN}<{C.FINDING_ENTRY} classCode="OBS" moodCode="EVN">'
+            f'<id root="{_derived_id(event_id, "no-significant-data")}"/>'
+            f'<code code="{C.NO_SIGNIFICANT_DATA_CODE}" codeSystem="{C.OID_SNOMED}" '
+            f'displayName="{C.NO_SIGNIFICANT_DATA_DISPLAY}"/><statusCode code="completed"/>'
+            f'<effectiveTime value="{_hl7_date(day)}"/></{C.FINDING_ENTRY}></component>{_CRE_CLOSE}')
+
+
+def _refusal_entry(event_id: str, day: date) -> str:
+    """The Refusal "refused consent for upload to national shared electronic record" of a dissent
+    summary (MIM example _03)."""
+    return (f'{_PREFERENCES_CRE_OPEN}{_COMPONENT_OPEN}<{C.REFUSAL_ENTRY} classCode="OBS" moodCode="EVN">'
+            f'<id root="{_derived_id(event_id, "dissent")}"/>'
+            f'<code code="{C.DISSENT_CODE}" codeSystem="{C.OID_SNOMED}" '
+            f'displayName="{C.DISSENT_DISPLAY}"/><effectiveTime value="{_hl7_date(day)}"/>'
+            f'</{C.REFUSAL_ENTRY}></component>{_CRE_CLOSE}')
