@@ -1,13 +1,17 @@
-"""The ack parser on the project's own acks (tests/fixtures/acks), on the real Spine acks in
-../shared/reference/spine/ where they are beside the clone, and on SOAP faults."""
+"""The ack parser on the project's own acks (tests/fixtures/acks), on the real acks in
+../shared/reference/ (spine/ and the 17 of acks-real/) where they are beside the clone, and on
+SOAP faults."""
 
 from __future__ import annotations
+
+import json
+import re
 
 import pytest
 
 from scr_nb.errors import SpineError
 from scr_nb.spine.acks import parse_ack, parse_soap_fault
-from tests.conftest import FIXTURES, reference
+from tests.conftest import FIXTURES, SHARED_REFERENCE, reference
 
 
 def own(name: str) -> bytes:
@@ -97,3 +101,45 @@ def test_soap_fault_code_in_another_wrapper():
             b'<detail><error><code>206</code></error></detail></Fault></Body></Envelope>')
     fault = parse_soap_fault(body)
     assert fault.code == "206" and fault.description == "busy"
+
+
+def test_an_ar_whose_only_code_is_an_acknowledgement_detail():
+    ack = parse_ack(own("ar-soap-detail-202.xml"), "text/xml; charset=UTF-8")
+    assert (ack.type_code, ack.codes, ack.failure_code) == ("AR", ("202",), "202")
+    assert ack.reasons[0].display == "Duplicate HL7 ID Error"
+    assert ack.message_ref == "0A0B0C0D-1E1F-4A2B-8C3D-4E5F6A7B8C9D"
+
+
+def _corpus() -> list[str]:
+    folder = SHARED_REFERENCE / "acks-real"
+    if not (folder / "expected.json").exists():
+        return ["(absent)"]
+    return sorted(json.loads((folder / "expected.json").read_text()))
+
+
+@pytest.mark.parametrize("name", _corpus())
+def test_every_real_acknowledgement_is_read_as_a_person_reads_it(name):
+    """The 17 real acks of ../shared/reference/acks-real, with what each means (expected.json):
+    type, every code in document order, and the failure code SPEC 6.2 picks."""
+    folder = reference("acks-real")
+    expected = json.loads((folder / "expected.json").read_text())[name]
+    ack = parse_ack((folder / name).read_bytes(), expected["content_type"])
+    assert ack.type_code == expected["type"]
+    assert list(ack.codes) == expected["codes"]
+    assert ack.failure_code == expected["failure_code"]
+    assert ack.accepted == (expected["type"] == "AA")
+
+
+@pytest.mark.parametrize("name", _corpus())
+def test_a_real_acknowledgement_answers_the_message_whose_id_it_is_given(name):
+    """Set to answer a given message (messageRef, eb:RefToMessageId and every other occurrence of
+    those ids rewritten), each real ack is taken as that message's."""
+    folder = reference("acks-real")
+    expected = json.loads((folder / name).with_name("expected.json").read_text())[name]
+    body = (folder / name).read_bytes()
+    first = parse_ack(body, expected["content_type"]).message_ref
+    refs = {first.encode()} | set(re.findall(rb"RefToMessageId>\s*([^<\s]+)\s*<", body))
+    ours = "0B5E6F70-8192-4A3B-9C4D-5E6F708192A3"
+    for old in refs:
+        body = re.sub(re.escape(old), ours.encode(), body, flags=re.IGNORECASE)
+    assert parse_ack(body, expected["content_type"]).message_ref.upper() == ours

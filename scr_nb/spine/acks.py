@@ -1,8 +1,10 @@
 """Reading what the Spine answers: MCCI_IN010000UK13 application acks and SOAP faults (SPEC 6).
 
-The real acks in ``reference/spine/`` differ in wrapper (ebXML MIME multipart, a SOAP envelope) and
-in how a reason's qualifier is written (``qualifier/@code`` or ``qualifier/value/@code``), so the
-parser looks elements up by local name and ignores namespaces and wrappers.
+Real acks differ in wrapper (ebXML MIME multipart, a SOAP envelope, bare XML), in how a reason's
+qualifier is written (``qualifier/@code`` or ``qualifier/value/@code``) and in where the codes sit
+(``reason/justifyingDetectedIssueEvent/code``, or only ``acknowledgement/acknowledgementDetail/code``
+as AR acks carry them), so the parser looks elements up by local name and ignores namespaces and
+wrappers.
 """
 
 from __future__ import annotations
@@ -103,7 +105,11 @@ def parse_ack(body: bytes, content_type: str | None = None) -> Ack:
             continue
         ref_el = _first(ack, "messageRef")
         ref_id = _first(ref_el, "id") if ref_el is not None else None
-        reasons = [r for r in map(_reason, root.iter("{*}justifyingDetectedIssueEvent")) if r]
+        # Codes as they stand: acknowledgementDetail first (real AR acks carry their only code
+        # there), then each reason's justifyingDetectedIssueEvent.
+        details = [r for r in map(_reason, ack.iterchildren("{*}acknowledgementDetail")) if r]
+        reasons = details + [r for r in map(_reason, root.iter("{*}justifyingDetectedIssueEvent"))
+                             if r]
         detail_el = _first(root, "detail")
         detail = (detail_el.text or "").strip() if detail_el is not None else ""
         return Ack(type_code=(ack.get("typeCode") or "").strip(),
