@@ -361,16 +361,22 @@ def test_a_second_job_on_the_same_store_is_refused_naming_the_holder(tmp_path, s
     assert status(tmp_path)["running"] is None
 
 
-def test_a_lapsed_holder_is_taken_over(tmp_path, spine, admin_session, practice):
-    from scr_nb.store.lock import LAPSE_SECONDS, StoreLock
+def test_a_holder_whose_heartbeat_stopped_on_another_host_is_taken_over(tmp_path, spine,
+                                                                       admin_session, practice,
+                                                                       monkeypatch):
+    from scr_nb.store import lock
 
+    monkeypatch.setattr(lock, "LAPSE_SECONDS", 1.0)
     store = Store(tmp_path / "practice.sqlite")
-    long_ago = datetime.now(timezone.utc) - timedelta(seconds=LAPSE_SECONDS + 5)
-    StoreLock(store, "555000000009", "Pat Other", lambda: long_ago).acquire()
+    with store.transaction() as db:   # a job on another machine, whose beat no longer moves
+        db.execute("INSERT INTO job_lock (id, user_id, user_name, host, pid, since, heartbeat, "
+                   "token, started, beat) VALUES (1, '555000000009', 'Pat Other', "
+                   "'another-host', 4242, '2026-11-20T19:00:00+00:00', 9e12, 'theirs', "
+                   "'boot:1', 17)")
     store.close()
     assert job(tmp_path, admin_session, spine, practice, "run").completed
-    events = [e["event"] for e in PracticeLog(tmp_path / "practice.sqlite").read()]
-    assert events[0] == "takeover"
+    events = [e for e in PracticeLog(tmp_path / "practice.sqlite").read()]
+    assert events[0]["event"] == "takeover" and "another-host" in events[0]["previous_holder"]
 
 
 def test_cancel_leaves_the_upload_partially_completed_for_resume(tmp_path, spine, admin_session,

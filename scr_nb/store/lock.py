@@ -1,8 +1,12 @@
 """One job per practice store (SPEC 8): a lock row in the store, kept alive by a heartbeat.
 
-A second start is refused naming who holds the store. A holder that died is replaced safely: at
-once when it was a process on this host that no longer exists (kill -9), otherwise when its
-heartbeat has lapsed.
+A second start is refused naming who holds the store. A holder that died is replaced safely:
+- on this host, at once when its process is gone, found by pid and process start time, so a pid
+  the system has given to another process since does not keep a dead job's lock for ever;
+- from another host (or another job of this very process), when its heartbeat stops. The heartbeat
+  is a counter the holder bumps every few seconds, watched with the taker's own monotonic clock: no
+  two machines' wall clocks are ever compared, so clock skew cannot take a live job's lock.
+``break_lock`` removes the lock of a holder that is gone, for the ``scr-nb break-lock`` command.
 """
 
 from __future__ import annotations
@@ -11,15 +15,19 @@ import os
 import socket
 import sqlite3
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 from scr_nb.errors import RefusedError
 from scr_nb.store.practice_store import Store
 
-HEARTBEAT_SECONDS = 5.0
-LAPSE_SECONDS = 30.0
+HEARTBEAT_SECONDS = 2.0     # how often a holder bumps its beat
+LAPSE_SECONDS = 30.0        # a beat unchanged this long (by the watcher's clock): the holder is gone
+WATCH_SECONDS = 0.25        # how often a watcher reads the beat
 
 
 @dataclass(frozen=True)
@@ -29,14 +37,34 @@ class Holder:
     host: str
     pid: int
     since: str
-    heartbeat: float
+    started: str | None      # "<boot id>:<process start>" of its process, where the system says
+    beat: int
+    token: str
 
     def describe(self) -> str:
         return (f"{self.user_name} ({self.user_id}) on {self.host}, process {self.pid}, "
                 f"since {self.since}")
 
 
-def _alive(pid: int) -> bool:
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_start(pid: int) -> str | None:
+    """This boot's id and the process's start time in clock ticks (Linux ``/proc``): together they
+    name one process for good, where a pid alone is reused. None where the system does not say."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()   # the command name may hold spaces and parentheses
+    return f"{_boot_id()}:{fields[19]}" if len(fields) > 19 else None
+
+
+def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -46,53 +74,103 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_COLUMNS = "user_id, user_name, host, pid, since, started, beat, token"
+
+
+def read_holder(db: sqlite3.Connection) -> Holder | None:
+    row = db.execute(f"SELECT {_COLUMNS} FROM job_lock WHERE id = 1").fetchone()
+    return Holder(*row) if row else None
+
+
+class _Judge:
+    """Whether a holder is gone, as seen from this process."""
+
+    def __init__(self, db: sqlite3.Connection, lapse: float,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.db, self.lapse, self.monotonic, self.sleep = db, lapse, monotonic, sleep
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.started = process_start(self.pid)
+
+    def gone_from_this_host(self, holder: Holder) -> bool | None:
+        """True: its process is gone; False: it lives; None: this host cannot tell (another host,
+        or a job of this very process): its heartbeat must."""
+        if holder.host != self.host:
+            return None
+        if holder.pid == self.pid and holder.started == self.started:
+            return None
+        if holder.started and self.started and \
+                holder.started.split(":")[0] != self.started.split(":")[0]:
+            return True   # the machine has restarted since: no process of before lives
+        if self.started is None or holder.started is None:
+            return not _pid_alive(holder.pid)   # a system that does not say when processes start
+        return process_start(holder.pid) != holder.started
+
+    def beating(self, holder: Holder) -> bool:
+        """Watch the holder's beat for up to the lapse: True as soon as it moves (or the lock
+        changes hands), False when it stood still the whole time."""
+        deadline = self.monotonic() + self.lapse
+        while self.monotonic() < deadline:
+            self.sleep(WATCH_SECONDS)
+            now = read_holder(self.db)
+            if now is None or now.token != holder.token or now.beat != holder.beat:
+                return True
+        return False
+
+    def gone(self, holder: Holder) -> bool:
+        verdict = self.gone_from_this_host(holder)
+        return verdict if verdict is not None else not self.beating(holder)
+
+
 class StoreLock:
     """The lock of one job. Its heartbeat runs on a thread of its own with its own connection, from
     the moment the lock is taken, so a long extract load or a busy event loop never lets it lapse."""
 
-    def __init__(self, store: Store, user_id: str, user_name: str, now: callable,
-                 lapse: float = LAPSE_SECONDS):
+    def __init__(self, store: Store, user_id: str, user_name: str, now: Callable[[], datetime],
+                 lapse: float | None = None):
         self.store, self.user_id, self.user_name = store, user_id, user_name
-        self.now, self.lapse = now, lapse
-        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.now = now
+        self.judge = _Judge(store.db, LAPSE_SECONDS if lapse is None else lapse)
         self.token = uuid.uuid4().hex   # tells two jobs of one process apart
         self.lost = False               # set when another job took the lock from under us
         self._stop = threading.Event()
         self._beater: threading.Thread | None = None
 
-    def _dead(self, holder: Holder, stamp: float) -> bool:
-        """A holder on this host is dead when its process is; a live local process is never
-        taken over. On another host only a lapsed heartbeat tells."""
-        if holder.host == self.host and holder.pid != self.pid:
-            return not _alive(holder.pid)
-        return stamp - holder.heartbeat > self.lapse
-
     def acquire(self) -> Holder | None:
         """Take the lock and start the heartbeat; returns the holder taken over from (a crashed
         job), or None. Raises RefusedError when another live job holds the store."""
-        stamp = self.now().timestamp()
-        with self.store.transaction() as db:
-            row = db.execute("SELECT user_id, user_name, host, pid, since, heartbeat, token "
-                             "FROM job_lock WHERE id = 1").fetchone()
-            previous = Holder(*row[:6]) if row else None
-            if previous is not None and row[6] != self.token and not self._dead(previous, stamp):
+        while True:
+            holder = read_holder(self.store.db)
+            if holder is not None and holder.token != self.token and not self.judge.gone(holder):
                 raise RefusedError(f"another upload is running on this store: "
-                                   f"{previous.describe()}. Wait for it to end, or stop it; "
+                                   f"{holder.describe()}. Wait for it to end, or stop it; "
                                    "nothing was sent.")
-            since = datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="seconds")
-            db.execute("INSERT OR REPLACE INTO job_lock VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
-                       (self.user_id, self.user_name, self.host, self.pid, since, stamp,
-                        self.token))
+            if self._take(holder):
+                break
         self._beater = threading.Thread(target=self._beat_until_released, daemon=True,
                                         name="scr-nb-heartbeat")
         self._beater.start()
-        return previous
+        return holder if holder is not None and holder.token != self.token else None
+
+    def _take(self, judged: Holder | None) -> bool:
+        """Write our row if the lock is still as it was judged (else judge again)."""
+        stamp = self.now()
+        since = stamp.astimezone(timezone.utc).isoformat(timespec="seconds")
+        with self.store.transaction() as db:
+            if read_holder(db) != judged:
+                return False
+            db.execute("INSERT OR REPLACE INTO job_lock (id, user_id, user_name, host, pid, since, "
+                       "heartbeat, token, started, beat) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                       (self.user_id, self.user_name, self.judge.host, self.judge.pid, since,
+                        stamp.timestamp(), self.token, self.judge.started))
+        return True
 
     def _beat_until_released(self) -> None:
         db = sqlite3.connect(self.store.path, timeout=30, isolation_level=None)
         try:
             while not self._stop.wait(HEARTBEAT_SECONDS):
-                changed = db.execute("UPDATE job_lock SET heartbeat = ? WHERE token = ?",
+                changed = db.execute("UPDATE job_lock SET beat = beat + 1, heartbeat = ? "
+                                     "WHERE token = ?",
                                      (self.now().timestamp(), self.token)).rowcount
                 if not changed:
                     self.lost = True
@@ -106,3 +184,22 @@ class StoreLock:
             self._beater.join(timeout=HEARTBEAT_SECONDS + 5)
         with self.store.transaction() as db:
             db.execute("DELETE FROM job_lock WHERE token = ?", (self.token,))
+
+
+def break_lock(store: Store, lapse: float | None = None) -> Holder:
+    """Remove the lock of a holder that is gone, and return it. Refused (RefusedError) while the
+    holder lives, and when nobody holds the store."""
+    judge = _Judge(store.db, LAPSE_SECONDS if lapse is None else lapse)
+    holder = read_holder(store.db)
+    if holder is None:
+        raise RefusedError("nobody holds this store's lock: there is nothing to break.")
+    if not judge.gone(holder):
+        raise RefusedError(f"the lock's holder is alive: {holder.describe()}. Stop its job "
+                           "instead (scr-nb stop), or wait for it to end.")
+    with store.transaction() as db:
+        db.execute("DELETE FROM job_lock WHERE token = ?", (holder.token,))
+    return holder
+
+
+__all__ = ["HEARTBEAT_SECONDS", "LAPSE_SECONDS", "Holder", "StoreLock", "break_lock",
+           "process_start", "read_holder"]

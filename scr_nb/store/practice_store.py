@@ -92,21 +92,35 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One durable transaction: the deferred moves and attempts first, then the caller's work.
+        When anything fails, the COMMIT included, all of it is rolled back (the deferred items
+        kept for the next transaction) and the error raised: a message whose id did not commit
+        is never sent."""
         self.db.execute("BEGIN IMMEDIATE")
         attempts, self._attempts = self._attempts, []
         moves, self._moves = self._moves, []
+        deferred_written = False
         try:
             if attempts:
                 self.db.executemany("INSERT INTO attempts (message_id, at, kind, http_status, "
                                     "detail) VALUES (?, ?, ?, ?, ?)", attempts)
             for move in moves:
                 self._apply_move(self.db, *move)
+            deferred_written = True
             yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            self._attempts[:0], self._moves[:0] = attempts, moves   # kept for the next one
+            self.db.execute("COMMIT")
+        except BaseException as err:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            if deferred_written or isinstance(err, sqlite3.Error):
+                self._attempts[:0], self._moves[:0] = attempts, moves   # kept for the next one
+            # else a deferred move broke the state table: it would break every later transaction,
+            # so the deferred items go (Resume re-sends those ids; the Spine answers duplicates)
+            if isinstance(err, sqlite3.Error):
+                raise StoreError(f"{self.path}: the store could not write ({err}); nothing of "
+                                 "this step was kept or sent. Resume continues the job once the "
+                                 "store can be written again") from err
             raise
-        self.db.execute("COMMIT")
 
     # --- the practice: patients and groups ------------------------------------------------------
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from scr_nb.errors import StoreError
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 # What a read may raise while the job that creates a store is still writing its tables.
 DatabaseError = sqlite3.Error
 SCHEMA = """
@@ -96,6 +96,14 @@ CREATE TABLE IF NOT EXISTS job_lock (
     token TEXT NOT NULL
 );
 """
+# A new store is created at version 1 and walked up these steps, so an old store opened by a newer
+# kit ends with the same tables as a new one. Each step lists the statements that take a store from
+# the version before it to its own.
+MIGRATIONS: dict[str, tuple[str, ...]] = {
+    # the lock's holder: its process start (pid reuse) and a beat counter (skew-free heartbeats)
+    "2": ("ALTER TABLE job_lock ADD COLUMN started TEXT",
+          "ALTER TABLE job_lock ADD COLUMN beat INTEGER NOT NULL DEFAULT 0"),
+}
 
 
 def _create_private(path: Path) -> None:
@@ -114,10 +122,30 @@ def _schema_version(db: sqlite3.Connection) -> str | None:
     return row[0] if row else None
 
 
-def _check_version(path: Path, version: str | None) -> None:
-    if version != SCHEMA_VERSION:
+def _check_version(path: Path, version: str | None, readable: bool = False) -> None:
+    """A writer needs the current schema; a reader also reads the older ones it knows."""
+    known = {"1", *MIGRATIONS} if readable else {SCHEMA_VERSION}
+    if version not in known:
         raise StoreError(f"{path}: store schema {version} is not {SCHEMA_VERSION}; "
                          "use the scr-nb version that wrote it")
+
+
+def _migrate(db: sqlite3.Connection, version: str) -> str:
+    """Walk a store up to SCHEMA_VERSION, one step a transaction."""
+    while version != SCHEMA_VERSION and str(int(version) + 1) in MIGRATIONS:
+        step = str(int(version) + 1)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if _schema_version(db) == version:   # another process may have walked it meanwhile
+                for statement in MIGRATIONS[step]:
+                    db.execute(statement)
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (step,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        version = _schema_version(db)
+    return version
 
 
 def open_writable(path: Path) -> sqlite3.Connection:
@@ -127,13 +155,18 @@ def open_writable(path: Path) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+        # FULL: every commit reaches the disk before it returns, so the commit that stores a
+        # message id before its POST survives a power cut or an OS crash, not only a crash of the
+        # kit (NORMAL in WAL mode may lose the last commits). benchmarks/ measures the cost.
+        db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")
         version = _schema_version(db)
         if version is None:
             db.executescript(SCHEMA)
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', '1')")
             version = _schema_version(db)
+        if version is not None and version.isdigit():
+            version = _migrate(db, version)
     except sqlite3.DatabaseError as err:
         raise StoreError(f"{path}: not a usable scr-nb store ({err})") from None
     _check_version(path, version)
@@ -155,7 +188,7 @@ def open_readonly(path: Path) -> sqlite3.Connection:
     except sqlite3.Error as err:
         raise StoreError(f"{path}: not a usable scr-nb store ({err})") from None
     try:
-        _check_version(path, version)
+        _check_version(path, version, readable=True)
     except StoreError:
         db.close()
         raise
