@@ -91,3 +91,23 @@ def test_row_problems_keep_the_row_and_its_line(tmp_path, today):
 def test_nhs_number_spaces_and_dashes_are_ignored(tmp_path, today):
     d = write(tmp_path / "p", [patient("P1", 1, nhs_number=" " + nhs(1)[:3] + "-" + nhs(1)[3:6] + " " + nhs(1)[6:] + " ")])
     assert load_practice(d, today=today).patients[0].nhs_number == nhs(1)
+
+
+def test_a_huge_field_is_a_problem_of_its_row_never_of_the_practice(tmp_path, today):
+    """A medication text of 200,000 characters (the csv module's own limit is 131,072) makes that
+    patient malformed, with the file and line; everyone else is read as usual."""
+    from scr_nb.extract.eligibility import Policy, decide, summarise
+
+    huge = "Paracetamol " * 16_667
+    write(tmp_path, [patient("P1", 1), patient("P2", 2)],
+          medications=[{"patient_id": "P1", "medication_id": "M1", "kind": "acute",
+                        "drug": huge, "prescribed_on": today.isoformat()},
+                       {"patient_id": "P2", "medication_id": "M2", "kind": "acute",
+                        "drug": "Aspirin", "prescribed_on": today.isoformat()}])
+    practice = load_practice(tmp_path, today=today)
+    first, second = practice.patients
+    assert any("medications.csv line 2: drug: 200,004 characters" in p for p in first.problems)
+    assert second.problems == ()
+    assert len(practice.medications["P1"][0].drug) == 10_000
+    counts = summarise(decide(practice, Policy(today)))
+    assert counts["eligible"] == 1 and counts["not_required_by_reason"]["malformed_record"] == 1

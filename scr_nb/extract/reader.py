@@ -47,6 +47,11 @@ _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _TRUE = frozenset({"true", "t", "yes", "y", "1"})
 _FALSE = frozenset({"false", "f", "no", "n", "0", ""})
 EARLIEST_DATE = date(1900, 1, 1)
+# No sane extract holds a field longer than this (a drug name, a dosage, an allergy's words): a
+# longer one makes its row malformed (SPEC 3), cut to this length so it is not carried around.
+MAX_FIELD_CHARS = 10_000
+# The csv module refuses fields over 128 KiB for the whole file; the limit above is per row.
+csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
 
 
 class _Row:
@@ -143,6 +148,11 @@ def read_rows(path: Path, required: tuple[str, ...]) -> Iterator[_Row]:
         if not fields or (len(fields) == 1 and not fields[0].strip()):
             continue  # blank line
         row = _Row(dict(zip(header, fields)), start)
+        for column, value in row.values.items():
+            if len(value) > MAX_FIELD_CHARS:
+                row.problems.append(f"{column}: {len(value):,} characters, more than any extract "
+                                    f"field holds ({MAX_FIELD_CHARS:,} at most)")
+                row.values[column] = value[:MAX_FIELD_CHARS]
         if len(fields) < len(header):
             missing = header[len(fields)]
             row.problems.append(f"{missing}: missing (the row has {len(fields)} of "
