@@ -165,7 +165,7 @@ def test_report_holds_the_counters_and_charts_with_numbers_masked(uploaded, tmp_
     status = status_of(uploaded)
     path = write_report(uploaded, tmp_path / "reports")
     assert re.fullmatch(r"report-practice-\d{8}T\d{6}Z\.html", path.name)
-    assert stat.S_IMODE(path.stat().st_mode) & 0o444 == 0o444
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600     # patient ids: the owner only
     text = path.read_text(encoding="utf-8")
     c = status["counters"]
     assert ("<tr><th>Unprocessed</th><th>Sending</th><th>Sent</th><th>Failed</th>"

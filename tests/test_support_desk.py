@@ -25,6 +25,7 @@ from scr_nb.spine import session as sessions
 from scr_nb.store.practice_store import Store
 from scr_nb.store.states import Mode
 from scr_nb.ui.support_desk import (
+    HIDDEN,
     ack_xml,
     ebxml_header,
     failed_patients,
@@ -96,7 +97,7 @@ def ids(frame) -> set[str]:
 
 def test_failed_patients_filter_by_code_job_group_and_date(failures):
     store = failures.store
-    every = failed_patients(store)
+    every = failed_patients(store, show_nhs=True)
     first = {p.patient_id for p in failures.unknown[:2]}
     second = {p.patient_id for p in failures.rejected}
     assert ids(every) == first | second
@@ -166,10 +167,21 @@ def test_message_and_ack_xml(failures):
     message_id = last_sent_message(failures.store, pkey)
     event_id = timeline(failures.store, pkey)["gp_summary_id"].iloc[-1]
 
-    hl7 = message_xml(failures.store, message_id)
+    hl7 = message_xml(failures.store, message_id, show_nhs=True)
     root = etree.fromstring(hl7.encode())
     assert etree.QName(root).localname == "REPC_IN150016SM05"
     assert patient.nhs_number in hl7 and event_id in hl7
+    # by default the NHS number is masked and the clinical words hidden; ids and codes stay
+    masked = message_xml(failures.store, message_id)
+    assert patient.nhs_number not in masked and mask(patient.nhs_number) in masked
+    assert event_id in masked and "REPC_IN150016SM05" in masked
+    cells = [e.text for e in etree.fromstring(masked.encode()).iter("{*}td")]
+    assert cells and set(cells) <= {HIDDEN, "No relevant information available for this category"}
+    words = [e.get("displayName") for e in root.iter("{*}code")
+             if etree.QName(e.getparent()).localname in ("manufacturedManufacturedMaterial",
+                                                         "UKCT_MT144053UK02.Allergy")]
+    words += [e.text.strip() for e in root.iter("{*}value", "{*}originalText") if e.text]
+    assert not [w for w in words if w and w in masked]
     assert hl7.count("\n") > 20                       # indented for reading
     header = ebxml_header(failures.store, message_id)
     assert "Envelope" in header and f"<eb:MessageId>{message_id}</eb:MessageId>" in header
@@ -269,6 +281,11 @@ def test_the_notebook_reprocesses_the_failures_against_the_spine(failures, spine
     printed = _printed(nbformat.read(tmp_path / "investigated.ipynb", as_version=4))
     assert "4 failed patients" in printed and "30312" in printed
     assert "MCCI_IN010000UK13" in printed and "REPC_IN150016SM05" in printed
+    # with its defaults the desk shows no full NHS number anywhere, message XML included
+    whole = (tmp_path / "investigated.ipynb").read_text()
+    numbers = {p.nhs_number for p in failures.unknown + failures.rejected}
+    assert not [n for n in numbers if n in whole]
+    assert any(mask(n) in printed for n in numbers)
     assert "4 patients added to 'Resolved by support'" in printed
     assert "(failed, Resolved by support)" in printed
     assert failed_patients(failures.store).empty

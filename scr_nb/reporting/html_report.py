@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from scr_nb import __version__
 from scr_nb.constants import category, explain
 from scr_nb.errors import StoreError
+from scr_nb.private_files import write_private
 from scr_nb.reporting import frames
 from scr_nb.reporting.charts import (
     NOTHING_TO_SHOW,
@@ -55,9 +56,7 @@ def write_report(store_path: str | Path, out_dir: str | Path, show_nhs: bool = F
     path, n = out_dir / f"{stem}.html", 1
     while path.exists():          # two reports in one second: keep both
         path, n = out_dir / f"{stem}-{n}.html", n + 1
-    path.write_text(text, encoding="utf-8")
-    path.chmod(0o600 if show_nhs else 0o644)   # full NHS numbers: the owner only
-    return path
+    return write_private(path, text)   # patient ids, even with NHS numbers masked
 
 
 def render_report(store_path: str | Path, show_nhs: bool = False,

@@ -18,7 +18,7 @@ import ipywidgets as widgets
 import pandas as pd
 from lxml import etree
 
-from scr_nb.constants import category, explain
+from scr_nb.constants import EMPTY_SECTION_TEXT, category, explain
 from scr_nb.errors import RefusedError, StoreError
 from scr_nb.extract.nhs_number import mask, normalise
 from scr_nb.job.options import JobControl, JobOptions, Progress
@@ -116,12 +116,12 @@ def group_names(store: StoreLike) -> list[str]:
 
 def failed_patients(store: StoreLike, code: str | None = None, since: When = None,
                     until: When = None, job_id: int | None = None, group: str | None = None,
-                    show_nhs: bool = True) -> pd.DataFrame:
+                    show_nhs: bool = False) -> pd.DataFrame:
     """Patients whose latest attempt failed, in extract order, with the code in plain words.
 
     ``since``/``until`` bound the time of failure (dates are whole local days); ``job_id`` is the
     job that sent the failed message; ``group`` a Patient Group of the extract or the kit. Support
-    sees NHS numbers in full unless ``show_nhs`` is False."""
+    sees NHS numbers masked (``943 *** 5919``) unless ``show_nhs``."""
     with queries.reading(store) as reader:
         if group:
             names = reader.group_names()
@@ -187,12 +187,51 @@ def last_sent_message(store: StoreLike, pkey: str) -> str | None:
 
 # --- the XML --------------------------------------------------------------------------------------
 
-def pretty_xml(xml: bytes) -> str:
-    """Indented XML for reading; text that is not well-formed XML is shown as it is."""
+_NHS_LIKE = re.compile(r"(?<![0-9])[0-9]{10}(?![0-9])")
+HIDDEN = "[hidden: clinical text, shown with show_nhs=True]"
+# Where a GP Summary holds the patient's clinical words: the presentation text's cells, an
+# uncoded item's original text, dosage and other plain values, and a drug's or allergy's name.
+_CLINICAL_TEXT = {"td", "originalText", "value"}
+_NAMED_BY_PATIENT_DATA = {"manufacturedManufacturedMaterial", "UKCT_MT144053UK02.Allergy"}
+
+
+def _mask_numbers(text: str) -> str:
+    return _NHS_LIKE.sub(lambda m: mask(m.group(0)), text)
+
+
+def _masked(root: etree._Element) -> etree._Element:
+    """The document with every NHS number masked and the clinical words hidden (SPEC 9): what
+    support may see by default. Ids, codes and structure stay, which is what support reads."""
+    for element in root.iter():
+        if not isinstance(element.tag, str):
+            continue
+        name = etree.QName(element).localname
+        if element.text and element.text.strip():
+            if name in _CLINICAL_TEXT and element.text.strip() != EMPTY_SECTION_TEXT:
+                element.text = HIDDEN
+            else:
+                element.text = _mask_numbers(element.text)
+        if element.tail and element.tail.strip():
+            element.tail = _mask_numbers(element.tail)
+        for key, value in element.attrib.items():
+            if key == "displayName" and etree.QName(element.getparent()).localname in \
+                    _NAMED_BY_PATIENT_DATA:
+                element.set(key, HIDDEN)
+            else:
+                element.set(key, _mask_numbers(value))
+    return root
+
+
+def pretty_xml(xml: bytes, show_nhs: bool = False) -> str:
+    """Indented XML for reading, masked unless ``show_nhs``; text that is not well-formed XML is
+    shown as it is (its NHS numbers masked unless ``show_nhs``)."""
     try:
         root = etree.fromstring(xml.strip(), _PRETTY)
     except etree.XMLSyntaxError:
-        return xml.decode("utf-8", "replace")
+        text = xml.decode("utf-8", "replace")
+        return text if show_nhs else _mask_numbers(text)
+    if not show_nhs:
+        root = _masked(root)
     return etree.tostring(root, pretty_print=True, encoding="unicode")
 
 
@@ -227,20 +266,22 @@ def _message_body(store: StoreLike, message_id: str) -> tuple[bytes, str]:
     return body, content_type
 
 
-def message_xml(store: StoreLike, message_id: str) -> str:
-    """The HL7 GP Summary (REPC_IN150016SM05) the kit sent under ``message_id``, indented."""
+def message_xml(store: StoreLike, message_id: str, show_nhs: bool = False) -> str:
+    """The HL7 GP Summary (REPC_IN150016SM05) the kit sent under ``message_id``, indented; the NHS
+    number masked and the clinical words hidden unless ``show_nhs``."""
     _, payload = _split(*_message_body(store, message_id))
-    return pretty_xml(payload.body)
+    return pretty_xml(payload.body, show_nhs)
 
 
-def ebxml_header(store: StoreLike, message_id: str) -> str:
+def ebxml_header(store: StoreLike, message_id: str, show_nhs: bool = False) -> str:
     """The ebXML (SOAP) header the message went with: From, To, CPA, MessageId, indented."""
     header, _ = _split(*_message_body(store, message_id))
-    return pretty_xml(header.body) if header is not None else ""
+    return pretty_xml(header.body, show_nhs) if header is not None else ""
 
 
-def ack_xml(store: StoreLike, message_id: str) -> str | None:
-    """The Spine's application ack (MCCI_IN010000UK13) for ``message_id``, indented.
+def ack_xml(store: StoreLike, message_id: str, show_nhs: bool = False) -> str | None:
+    """The Spine's application ack (MCCI_IN010000UK13) for ``message_id``, indented, NHS numbers
+    masked unless ``show_nhs``.
 
     None when no ack body was kept: AA acks are not kept (every AA says the same, and the store
     records its type), and a message that timed out or was never sent has none."""
@@ -251,7 +292,7 @@ def ack_xml(store: StoreLike, message_id: str) -> str | None:
     if not body.strip():
         return None
     _, payload = _split(body, None)
-    return pretty_xml(payload.body)
+    return pretty_xml(payload.body, show_nhs)
 
 
 # --- putting things right -------------------------------------------------------------------------
@@ -303,7 +344,7 @@ class FailedPatientsFilter(widgets.VBox):
     """A code dropdown, a 'failed since' date picker and a group dropdown over the failed-patients
     table; setting any of their ``value``s re-renders the table (``frame`` holds what it shows)."""
 
-    def __init__(self, store: StoreLike, show_nhs: bool = True):
+    def __init__(self, store: StoreLike, show_nhs: bool = False):
         self.store, self.show_nhs = store, show_nhs
         codes = failure_codes(store)
         self.code = widgets.Dropdown(
@@ -328,7 +369,7 @@ class FailedPatientsFilter(widgets.VBox):
         self.table.value = table_html(self.frame)
 
 
-def filter_widgets(store: StoreLike, show_nhs: bool = True) -> FailedPatientsFilter:
+def filter_widgets(store: StoreLike, show_nhs: bool = False) -> FailedPatientsFilter:
     """The desk's filter: drive it with ``.code.value``, ``.since.value`` and ``.group.value``."""
     return FailedPatientsFilter(store, show_nhs=show_nhs)
 
