@@ -5,6 +5,7 @@ the scheduled notebook and the support desk hand to the runner and read back.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from scr_nb.job.schedule import Schedule
@@ -18,6 +19,47 @@ def describe_duration(seconds: float) -> str:
         return f"{seconds:.0f} s"
     minutes = round(seconds / 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+class OptionError(ValueError):
+    """A job option no job can run with; its words name the option and what it takes."""
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def option_problem(options: "JobOptions") -> str | None:
+    """What is wrong with a job's options, in the words of the CLI's options, or None. Every
+    shell (the CLI, the control panel, the notebooks) meets this one check before a job is
+    recorded, through ``JobOptions`` itself."""
+    if not isinstance(options.mode, Mode):
+        return f"the mode must be one of {', '.join(m.value for m in Mode)}, not {options.mode!r}"
+    concurrency = options.concurrency
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        return f"--concurrency must be a whole number of at least 1, not {concurrency!r}"
+    if options.rate_limit is not None:
+        rate = _number(options.rate_limit)
+        if rate is None or rate <= 0:
+            return (f"--rate-limit must be a number of messages a second above 0, or none for "
+                    f"no limit, not {options.rate_limit!r}")
+    for name, value in (("--ack-timeout", options.ack_timeout),
+                        ("the retry window", options.retry_window)):
+        seconds = _number(value)
+        if seconds is None or seconds <= 0:
+            return f"{name} must be a number of seconds above 0, not {value!r}"
+    if options.dissent not in ("exclude", "blank"):
+        return f"--dissent must be exclude or blank, not {options.dissent!r}"
+    if options.skip_acknowledged and options.mode not in (Mode.RERUN, Mode.RESUME):
+        return "--skip-acknowledged goes with Rerun (or the Resume of one) only"
+    days = options.update_existing_after_days
+    if days is not None and (isinstance(days, bool) or not isinstance(days, int) or days < 0):
+        return f"the days before existing summaries are updated must be 0 or more, not {days!r}"
+    if options.group is not None and not str(options.group).strip():
+        return "the Patient Group name is blank: give a group's name, or none for the whole list"
+    return None
 
 
 @dataclass(frozen=True)
@@ -36,6 +78,11 @@ class JobOptions:
     practice_ods: str = "A12345"
     practice_name: str = "scr-nb demonstration practice"
     schedule: Schedule = Schedule()
+
+    def __post_init__(self) -> None:
+        problem = option_problem(self)
+        if problem is not None:
+            raise OptionError(problem)
 
     def settings(self) -> dict:
         data = asdict(self)
@@ -135,4 +182,5 @@ class JobControl:
         return self.requested is not None
 
 
-__all__ = ["JobControl", "JobOptions", "JobResult", "Progress", "describe_duration"]
+__all__ = ["JobControl", "JobOptions", "JobResult", "OptionError", "Progress", "describe_duration",
+           "option_problem"]
