@@ -121,28 +121,73 @@ CONSENT_CODES = (
     *LEGACY_CONSENT,
 )
 
-# --- Spine error codes (SPEC 6): code -> (plain words, category) ---------------------------------
+# --- Spine error codes (SPEC 6): code -> (plain words, category, what to do next) ----------------
 # Categories let analysts group failures: data (fix the record), access (RBAC, consent on Spine),
-# duplicate (already there), transport (SOAP faults), kit (decided by the kit itself).
-SPINE_ERRORS: dict[str, tuple[str, str]] = {
-    "0": ("Unspecified error reported by the Spine", "other"),
-    "200": ("Spine service temporarily unavailable (SOAP fault, retried)", "transport"),
-    "206": ("Spine could not process the request in time (SOAP fault, retried)", "transport"),
-    "208": ("Spine message handling failure (SOAP fault, retried)", "transport"),
-    "300": ("Message rejected by the Spine as not valid (SOAP fault)", "transport"),
-    "400": ("Invalid request: the message did not pass the Spine's checks", "data"),
-    "401": ("Duplicate message id", "duplicate"),
-    "410": ("Logical inconsistency in the message", "data"),
-    "420": ("Access control refused the update", "access"),
-    "430": ("Invalid update of the record", "data"),
-    "30134": ("Duplicate event: the patient already holds this summary", "duplicate"),
-    "30312": ("Case not found: the Spine does not know this patient", "data"),
-    "30418": ("Dissent is recorded on the Spine for this patient (access control)", "access"),
-    "35160": ("NHS number missing or incorrect", "data"),
-    "message_too_large": ("The message is over the Spine's 4,999,600 byte limit", "kit"),
-    "ack_timeout": ("No acknowledgement arrived within the ack timeout", "kit"),
-    "retries_exhausted": ("Transient Spine failures did not clear within the retry limit", "transport"),
-    "http_error": ("The Spine answered with an unexpected HTTP status", "transport"),
+# duplicate (already there), transport (SOAP faults, HTTP), kit (decided by the kit itself).
+# The next step says what to check, what to fix and which mode to use, for the support desk.
+_FAILED_SAME_ID = ("Nothing to fix in the record: the Spine may hold the message, so Failed "
+                   "re-sends it with its original id and the Spine answers with its first outcome.")
+_FIX_AND_FAILED = "then use Failed, which builds the summary again from the corrected extract."
+SPINE_ERRORS: dict[str, tuple[str, str, str]] = {
+    "0": ("Unspecified error reported by the Spine", "other",
+          "Read the ack's words in the patient's timeline. If they name the record, fix it and use "
+          "Failed; otherwise give the message id to the NHS national service desk."),
+    "18": ("Request or message not well formed (GP2GP code)", "data",
+           "The Spine could not read the message: check the message XML in the desk; if every "
+           "message fails the same way, stop and report it with a message id: it is the kit's."),
+    "99": ("Unexpected condition (GP2GP code)", "other",
+           "Retry with Failed later; if it recurs for this patient, give the message id to the NHS "
+           "national service desk."),
+    "200": ("Spine service temporarily unavailable (SOAP fault, retried)", "transport",
+            _FAILED_SAME_ID),
+    "202": ("Duplicate HL7 id: the Spine already has a message with this id", "duplicate",
+            "Check the timeline: the Spine took this message id before. Use Failed, which sends a "
+            "new message with a new id."),
+    "206": ("Spine could not process the request in time (SOAP fault, retried)", "transport",
+            _FAILED_SAME_ID),
+    "208": ("Spine message handling failure (SOAP fault, retried)", "transport", _FAILED_SAME_ID),
+    "300": ("Message rejected by the Spine as not valid (SOAP fault)", "transport",
+            "Check the message XML against the extract row (dates, codes, text); fix the record, "
+            + _FIX_AND_FAILED + " If every message fails so, stop and report it: it is the kit's."),
+    "400": ("Invalid request: the message did not pass the Spine's checks", "data",
+            "Read the ack's other code (35160 names the NHS number) or words for the field; fix the "
+            "record, " + _FIX_AND_FAILED),
+    "401": ("Duplicate message id", "duplicate",
+            "The Spine has seen this message id already: check the timeline, then use Failed."),
+    "410": ("Logical inconsistency in the message", "data",
+            "Check the record's dates (prescribed, last issue, discontinued, recorded) for ones that "
+            "contradict each other; fix them, " + _FIX_AND_FAILED),
+    "420": ("Access control refused the update (consent or RBAC)", "access",
+            "Check the ack's second code: 30418 means the patient's dissent is recorded on the "
+            "Spine (do not re-send); otherwise check the Smartcard role holds B0062 and log in "
+            "again before Failed."),
+    "430": ("Invalid update of the record: the summary it replaces is not the current one",
+            "data",
+            "Check the patient's timeline for the summary the Spine holds; use Rerun for the "
+            "patient (put them in a group) so the current summary is replaced."),
+    "5000": ("Unable to process the message (EPS code)", "other",
+             "Give the message id to the NHS national service desk; retry with Failed later."),
+    "30134": ("Duplicate event: the Spine already holds a summary for this patient", "duplicate",
+              "Nothing to send: the patient already has a summary on the Spine. To replace it, "
+              "use Rerun for the patient."),
+    "30312": ("Case not found: the Spine does not know this patient", "data",
+              "Trace the patient on PDS: check the NHS number and demographics (name, birth "
+              "date, sex), correct the record and synchronise it with PDS, "
+              + _FIX_AND_FAILED + " Re-sending unchanged gets the same answer."),
+    "30418": ("Dissent is recorded on the Spine for this patient (access control)", "access",
+              "Do not re-send: the patient has dissented nationally. Record the dissent (9Ndo) in "
+              "the practice record, so the next extract marks them not required."),
+    "35160": ("NHS number missing or incorrect", "data",
+              "Check the NHS number against PDS, correct it in the record, " + _FIX_AND_FAILED),
+    "message_too_large": ("The message is over the Spine's 4,999,600 byte limit", "kit",
+                          "Look for runaway text in the patient's medication and allergy "
+                          "entries (a pasted letter, a repeated line); fix the record, "
+                          + _FIX_AND_FAILED),
+    "ack_timeout": ("No acknowledgement arrived within the ack timeout", "kit", _FAILED_SAME_ID),
+    "retries_exhausted": ("Transient Spine failures did not clear within the retry limit",
+                          "transport", _FAILED_SAME_ID + " Wait until the Spine is back."),
+    "http_error": ("The Spine answered with an unexpected HTTP status", "transport",
+                   _FAILED_SAME_ID),
 }
 RETRIABLE_SOAP_FAULTS = frozenset({"200", "206", "208"})
 PSIS_CODE_MIN_DIGITS = 5  # PSIS codes (30134, 35160...) are five digits; generic ones are three
@@ -157,3 +202,11 @@ def explain(code: str) -> str:
 def category(code: str) -> str:
     known = SPINE_ERRORS.get(str(code))
     return known[1] if known else "other"
+
+
+def next_step(code: str) -> str:
+    """What support should check, fix and run for a failure code."""
+    known = SPINE_ERRORS.get(str(code))
+    return known[2] if known else ("Read the ack in the patient's timeline; if it names the record, "
+                                   "fix it and use Failed, else give the message id to the NHS "
+                                   "national service desk.")

@@ -34,6 +34,7 @@ from scr_nb.ui.support_desk import (
     group_names,
     last_sent_message,
     mark_resolved,
+    overview,
     message_xml,
     reprocess,
     timeline,
@@ -298,3 +299,15 @@ def test_the_notebook_with_no_store_has_nothing_to_investigate(tmp_path):
                                kernel_name="python3", progress_bar=False, parameters={})
     printed = _printed(nbformat.read(tmp_path / "empty.ipynb", as_version=4))
     assert "Nothing to investigate: no store given" in printed
+
+
+def test_every_code_the_kit_can_record_has_plain_words_and_a_next_step(failures):
+    from scr_nb.constants import SPINE_ERRORS, next_step
+    for code, (words, kind, step) in SPINE_ERRORS.items():
+        assert words and kind in {"data", "access", "duplicate", "transport", "kit", "other"}
+        assert "Failed" in step or "Rerun" in step or "re-send" in step or "desk" in step, code
+    assert "PDS" in next_step("30312") and "Do not re-send" in next_step("30418")
+    assert "service desk" in next_step("12345")        # a code nobody listed still gets one
+    frame = failed_patients(failures.store)
+    assert frame["next_step"].notna().all()
+    assert "Next: Trace the patient on PDS" in overview(failures.store)

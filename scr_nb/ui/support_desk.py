@@ -18,7 +18,7 @@ import ipywidgets as widgets
 import pandas as pd
 from lxml import etree
 
-from scr_nb.constants import EMPTY_SECTION_TEXT, category, explain
+from scr_nb.constants import EMPTY_SECTION_TEXT, category, explain, next_step
 from scr_nb.errors import RefusedError, StoreError
 from scr_nb.extract.nhs_number import mask, normalise
 from scr_nb.job.options import JobControl, JobOptions, Progress
@@ -31,7 +31,8 @@ from scr_nb.store.states import Mode, PatientState
 StoreLike = queries.StoreLike
 When = date | datetime | str | None
 
-FAILED_COLUMNS = ["pkey", "patient_id", "nhs_number", "failure_code", "explanation", "category",
+FAILED_COLUMNS = ["pkey", "patient_id", "nhs_number", "failure_code", "explanation", "next_step",
+                  "category",
                   "failed_at", "job_id", "message_id", "ack_codes", "source_row"]
 TIMELINE_COLUMNS = ["message_id", "job_id", "gp_summary_id", "replaces_summary_id", "created_at",
                     "time", "kind", "http_status", "detail", "ack_type", "ack_codes",
@@ -104,7 +105,9 @@ def overview(store: StoreLike) -> str:
     if not codes:
         return f"No failed patients in {name}: nothing to investigate."
     lines = [f"{sum(codes.values())} failed patients in {name}:"]
-    lines += [f"  {code}: {n} ({explain(code)}; {category(code)})" for code, n in codes.items()]
+    for code, n in codes.items():
+        lines += [f"  {code}: {n} ({explain(code)}; {category(code)})",
+                  f"      Next: {next_step(code)}"]
     return "\n".join(lines)
 
 
@@ -140,6 +143,7 @@ def failed_patients(store: StoreLike, code: str | None = None, since: When = Non
                 keep = frame["failed_at"] >= instant
             frame = frame[keep]
     frame = frame.assign(explanation=frame["failure_code"].map(explain, na_action="ignore"),
+                         next_step=frame["failure_code"].map(next_step, na_action="ignore"),
                          category=frame["failure_code"].map(category, na_action="ignore"))
     if not show_nhs:
         frame["nhs_number"] = frame["nhs_number"].map(mask)
