@@ -111,3 +111,20 @@ def test_a_huge_field_is_a_problem_of_its_row_never_of_the_practice(tmp_path, to
     assert len(practice.medications["P1"][0].drug) == 10_000
     counts = summarise(decide(practice, Policy(today)))
     assert counts["eligible"] == 1 and counts["not_required_by_reason"]["malformed_record"] == 1
+
+
+def test_practice_json_gives_the_practice_details_and_a_wrong_one_is_named(tmp_path, today):
+    write(tmp_path, [patient("P1", 1)])
+    assert load_practice(tmp_path, today=today).details.ods_code is None   # optional
+    (tmp_path / "practice.json").write_text(
+        '{"ods_code": "B82001", "name": "Fulford Grange", "asid": "200000000123"}')
+    details = load_practice(tmp_path, today=today).details
+    assert (details.ods_code, details.name, details.asid) == \
+        ("B82001", "Fulford Grange", "200000000123")
+    (tmp_path / "practice.json").write_text('{"ods_code": "B82001", "asid": "12AB"}')
+    with pytest.raises(ExtractError) as caught:
+        load_practice(tmp_path, today=today)
+    assert "practice.json" in str(caught.value) and "asid" in str(caught.value)
+    (tmp_path / "practice.json").write_text('{"ods_code": ')
+    with pytest.raises(ExtractError, match="practice.json.*line 1"):
+        load_practice(tmp_path, today=today)

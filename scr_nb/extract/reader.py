@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from collections.abc import Iterator
 from datetime import date
@@ -19,7 +20,9 @@ from pathlib import Path
 from scr_nb.constants import CONSENT_CODES
 from scr_nb.errors import ExtractError
 from scr_nb.extract.nhs_number import normalise
-from scr_nb.extract.records import Allergy, ConsentEntry, Medication, Patient, Practice
+from scr_nb.extract.records import (
+    Allergy, ConsentEntry, Medication, Patient, Practice, PracticeDetails,
+)
 
 # file -> required columns. groups.csv is optional (the Patient Group option); the others are
 # required because a missing consent, medication or allergy file would silently send summaries
@@ -160,6 +163,40 @@ def read_rows(path: Path, required: tuple[str, ...]) -> Iterator[_Row]:
         yield row
 
 
+_ODS_CODE = re.compile(r"[A-Z0-9]{3,10}")
+_ASID = re.compile(r"[0-9]{12}")
+
+
+def load_details(directory: str | Path) -> PracticeDetails:
+    """``practice.json`` (optional): the practice's ODS code, name and ASID. A file that is there but
+    wrong is an ExtractError naming the field, since every message would carry the mistake."""
+    path = Path(directory) / "practice.json"
+    if not path.exists():
+        return PracticeDetails()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        line = getattr(err, "lineno", None)
+        raise ExtractError(path, f"is not a JSON object of ods_code, name and asid ({err})",
+                           line=line) from None
+    if not isinstance(data, dict):
+        raise ExtractError(path, "must be a JSON object such as {\"ods_code\": \"A12345\", "
+                                 "\"name\": \"...\", \"asid\": \"200000000001\"}")
+    values: dict[str, str | None] = {}
+    for key, pattern, what in (("ods_code", _ODS_CODE, "an ODS code such as A12345"),
+                               ("name", None, "the practice's name"),
+                               ("asid", _ASID, "a 12-digit ASID")):
+        value = data.get(key)
+        if value is None:
+            values[key] = None
+            continue
+        text = str(value).strip() if isinstance(value, (str, int)) else None
+        if not text or (pattern is not None and not pattern.fullmatch(text)):
+            raise ExtractError(path, f"{value!r} is not {what}", column=key)
+        values[key] = text
+    return PracticeDetails(**values)
+
+
 def load_groups(directory: str | Path) -> dict[str, list[str]]:
     """The Patient Groups of an extract (groups.csv, optional): name -> patient ids."""
     groups: dict[str, list[str]] = {}
@@ -181,7 +218,7 @@ def load_practice(directory: str | Path, today: date | None = None) -> Practice:
     if not root.is_dir():
         raise ExtractError(root, "is not a directory: give the folder holding patients.csv, "
                                  "consent.csv, medications.csv, allergies.csv (and groups.csv)")
-    practice = Practice(directory=str(root))
+    practice = Practice(directory=str(root), details=load_details(root))
     # Problems found in the other files are charged to the patient they belong to.
     extra_problems: dict[str, list[str]] = {}
 

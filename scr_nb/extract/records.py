@@ -65,11 +65,22 @@ class ConsentEntry:
     row: int
 
 
+@dataclass(frozen=True)
+class PracticeDetails:
+    """``practice.json`` (SPEC 3): who the practice is on the Spine. Every field may be None when the
+    file does not give it; the job's options fill the gaps (and override it)."""
+
+    ods_code: str | None = None
+    name: str | None = None
+    asid: str | None = None
+
+
 @dataclass
 class Practice:
     """A whole extract, indexed by patient."""
 
     directory: str
+    details: PracticeDetails = field(default_factory=PracticeDetails)
     patients: list[Patient] = field(default_factory=list)
     medications: dict[str, list[Medication]] = field(default_factory=dict)
     allergies: dict[str, list[Allergy]] = field(default_factory=dict)

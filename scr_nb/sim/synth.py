@@ -12,6 +12,7 @@ number (the summary counts them like any other).
 from __future__ import annotations
 
 import csv
+import json
 import heapq
 import random
 from collections.abc import Iterator
@@ -251,8 +252,10 @@ class SynthSummary:
 
 
 def write_practice(out_dir: str | Path, patients: int, seed: int,
-                   today: date | None = None) -> SynthSummary:
-    """Write patients.csv, consent.csv, medications.csv, allergies.csv and groups.csv into out_dir.
+                   today: date | None = None, ods_code: str = "A12345", name: str | None = None,
+                   asid: str = "200000000001") -> SynthSummary:
+    """Write patients.csv, consent.csv, medications.csv, allergies.csv, groups.csv and practice.json
+    into out_dir.
 
     ``patients`` is the number of rows of patients.csv (duplicate pairs included). Rows are streamed,
     so memory does not grow with the practice. Example: ``write_practice("demo", 2000, seed=1)``.
@@ -276,6 +279,9 @@ def write_practice(out_dir: str | Path, patients: int, seed: int,
     finally:
         for f in files.values():
             f.close()
+    details = {"ods_code": ods_code, "name": name or f"Synthetic practice {ods_code}",
+               "asid": asid}
+    (out / "practice.json").write_text(json.dumps(details, indent=2) + "\n", encoding="utf-8")
     reasons = {reason: generator.reasons.get(reason, 0) for reason in NOT_REQUIRED_REASONS}
     return SynthSummary(
         out_dir=out, patients=patients, seed=seed, today=today, rows=dict(generator.rows),
