@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from scr_nb.constants import category, explain
+from scr_nb.errors import StoreError
 from scr_nb.extract.nhs_number import mask
 from scr_nb.store import queries
 from scr_nb.store.practice_store import Store
@@ -49,18 +50,30 @@ def store_paths(stores: Stores) -> list[Path]:
 
 
 def practice_labels(paths: list[Path]) -> dict[Path, str]:
-    """A short, distinct label per store: its file name without the suffix, with the folder in
-    front when two stores share a name (every practice's store may be called practice.sqlite)."""
+    """A short, distinct label per store, as people name practices: "Fulford Grange (B82001)" from
+    the practice details its latest job ran with, else the store's file name (with its folder in
+    front when two share a name, as every practice's store may be called practice.sqlite)."""
     stems = [p.stem for p in paths]
-    labels = {}
+    labels: dict[Path, str] = {}
     for path in paths:
-        label = path.stem
-        if stems.count(label) > 1:
-            label = f"{path.parent.name}/{path.stem}"
+        label = _named(path)
+        if label is None:
+            label = path.stem if stems.count(path.stem) == 1 else f"{path.parent.name}/{path.stem}"
         if label in labels.values():
-            label = str(path)
+            label = f"{label} [{path}]"
         labels[path] = label
     return labels
+
+
+def _named(path: Path) -> str | None:
+    try:
+        with queries.reading(path) as store:
+            ods, name = queries.practice_identity(store)
+    except StoreError:
+        return None
+    if ods and name:
+        return f"{name} ({ods})"
+    return ods or name
 
 
 def _empty(columns: dict[str, str]) -> pd.DataFrame:

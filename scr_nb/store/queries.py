@@ -8,6 +8,7 @@ pandas frames, plain words and charts is ``scr_nb.reporting``'s work.
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -77,6 +78,15 @@ def failure_codes(store: Store) -> dict[str, int]:
 
 
 # --- jobs -----------------------------------------------------------------------------------------
+
+def practice_identity(store: Store) -> tuple[str | None, str | None]:
+    """(ODS code, practice name) the store's latest job ran with, or (None, None) before any."""
+    row = store.db.execute("SELECT settings FROM jobs ORDER BY id DESC LIMIT 1").fetchone()
+    if row is None:
+        return None, None
+    settings = json.loads(row[0] or "{}")
+    return settings.get("practice_ods") or None, settings.get("practice_name") or None
+
 
 def job_rows(store: Store) -> Table:
     return _table(store, "SELECT id AS job_id, chain_id, mode, group_name AS 'group', status, "
@@ -230,7 +240,7 @@ def ack_text(store: Store, message_id: str) -> bytes | None:
 
 __all__ = [
     "Table", "StoreLike", "reading", "state_counts", "eligible_count", "not_required_counts",
-    "failure_codes", "job_rows", "live_job_counts", "job_failure_rows", "message_rows",
+    "failure_codes", "practice_identity", "job_rows", "live_job_counts", "job_failure_rows", "message_rows",
     "failure_rows", "failed_patient_rows", "first_failed_patient", "find_patient", "has_patient",
     "patient_states", "timeline_rows", "last_kept_message", "message_text", "ack_text",
 ]
