@@ -7,6 +7,8 @@ touch the backend of a notebook that imports it.
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 from matplotlib import dates as mdates
 from matplotlib.axes import Axes
@@ -32,17 +34,24 @@ def _job_labels(frame: pd.DataFrame) -> list[str]:
 
 
 def plot_success_rate(ax: Axes, jobs: pd.DataFrame) -> Axes:
-    """Bars of each job's success rate (acknowledged / (acknowledged + failed)), from
-    ``frames.jobs``."""
+    """Each job's success rate (acknowledged / (acknowledged + failed)) as a dot with its value,
+    from ``frames.jobs``, on an axis that starts just below the lowest rate, so 98% and 100% look
+    different."""
     jobs = jobs[jobs["success_rate"].notna()] if not jobs.empty else jobs
     if jobs.empty:
         return _nothing(ax)
     rates = jobs["success_rate"].to_numpy(dtype=float) * 100
-    bars = ax.bar(_job_labels(jobs), rates, color="tab:green")
-    ax.bar_label(bars, labels=[f"{r:.1f}%" for r in rates], fontsize=8)
-    ax.set_ylim(0, 110)
+    labels = _job_labels(jobs)
+    ax.vlines(labels, 0, rates, color="tab:green", alpha=0.35, linewidth=6)
+    ax.plot(labels, rates, "o", color="tab:green")
+    for x, rate in zip(labels, rates):
+        ax.annotate(f"{rate:.1f}%", (x, rate), textcoords="offset points", xytext=(0, 6),
+                    ha="center", fontsize=8)
+    low = max(0.0, math.floor(min(rates) / 5) * 5 - 5)
+    ax.set_ylim(low, 101.5)
     ax.set_ylabel("success rate (%)")
-    ax.set_title("Success rate per job")
+    ax.set_title("Success rate per job" + (f" (axis from {low:.0f}%)" if low else ""))
+    ax.grid(axis="y", alpha=0.3)
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     return ax
 
@@ -59,9 +68,10 @@ def plot_throughput(ax: Axes, throughput: pd.DataFrame) -> Axes:
             if rows[event].any():
                 ax.plot(periods, rows[event], marker=".",
                         label=f"{practice}: " * several + event)
-    locator = mdates.AutoDateLocator()
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=8)
     ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(
+        locator, formats=["%Y", "%b", "%d %b", "%H:%M", "%H:%M:%S", "%H:%M:%S.%f"]))
     ax.set_ylabel("messages per period")
     ax.set_xlabel("time (UTC)")
     ax.set_title("Throughput")

@@ -1,27 +1,29 @@
 """The analyst's report: one self-contained HTML file per store (SPEC 9 and 10, ``scr-nb report``).
 
 The numbers come from ``Store.status()`` (the completion statistics) and ``frames`` (jobs,
-throughput, ack latency, errors), the pictures from ``charts``; this module only lays them out. The report holds no clinical text, and NHS numbers are
-masked unless ``show_nhs``. Every value is escaped before it goes into the HTML.
+throughput, ack latency, errors), the pictures from ``charts``; this module only lays them out.
+The page is a Jinja2 template (``templates/report.html.j2``) with autoescaping: every value is
+escaped. The report holds no clinical text, and NHS numbers are masked unless ``show_nhs``.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from scr_nb import __version__
-from scr_nb.constants import category, explain
+from scr_nb.constants import category, explain, next_step
 from scr_nb.errors import StoreError
 from scr_nb.private_files import write_private
 from scr_nb.reporting import frames
@@ -34,7 +36,9 @@ from scr_nb.reporting.charts import (
     plot_success_rate,
     plot_throughput,
 )
+from scr_nb.store import queries
 from scr_nb.store.practice_store import Store
+from scr_nb.store.words import MODE_WORDS, NOT_REQUIRED_WORDS, job_words, words
 
 FAILED_PATIENTS_SHOWN = 200   # the report lists at most this many failed patients
 # Vision's completion screen, in its order, with the keys of Store.status()["counters"].
@@ -44,12 +48,13 @@ VISION_COUNTERS = (("Unprocessed", "unprocessed"), ("Sending", "sending"), ("Sen
 
 # --- the HTML report ------------------------------------------------------------------------------
 
-def write_report(store_path: str | Path, out_dir: str | Path, show_nhs: bool = False) -> Path:
+def write_report(store_path: str | Path, out_dir: str | Path, show_nhs: bool = False,
+                 refusal: str | None = None) -> Path:
     """Write ``report-<store stem>-<UTC time>.html`` under ``out_dir`` (made if missing) and
     return its path. NHS numbers are masked unless ``show_nhs``."""
     store_path = Path(store_path)
     now = datetime.now(timezone.utc)
-    text = render_report(store_path, show_nhs=show_nhs, now=now)
+    text = render_report(store_path, show_nhs=show_nhs, now=now, refusal=refusal)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"report-{store_path.stem}-{now:%Y%m%dT%H%M%SZ}"
@@ -59,9 +64,21 @@ def write_report(store_path: str | Path, out_dir: str | Path, show_nhs: bool = F
     return write_private(path, text)   # patient ids, even with NHS numbers masked
 
 
+class Table(NamedTuple):
+    headers: list[str]
+    rows: list[list[object]]
+
+
+MISSING = "\u2013"     # one marker for every missing value (an en dash)
+_TEMPLATES = Environment(loader=PackageLoader("scr_nb.reporting", "templates"),
+                         autoescape=select_autoescape(["html", "j2"]), trim_blocks=True,
+                         lstrip_blocks=True, undefined=StrictUndefined)
+
+
 def render_report(store_path: str | Path, show_nhs: bool = False,
-                  now: datetime | None = None) -> str:
-    """The report's HTML text (``write_report`` saves it)."""
+                  now: datetime | None = None, refusal: str | None = None) -> str:
+    """The report's HTML text (``write_report`` saves it). ``refusal``: the words of a run that was
+    refused, said at the top so older jobs' figures are not read as that run's."""
     store_path = Path(store_path)
     if not store_path.is_file():
         raise StoreError(f"{store_path}: no such store")
@@ -69,6 +86,7 @@ def render_report(store_path: str | Path, show_nhs: bool = False,
     store = Store(store_path, readonly=True)
     try:
         status = store.status()
+        ods, name = queries.practice_identity(store)
     finally:
         store.close()
     jobs = frames.jobs(store_path)
@@ -78,106 +96,103 @@ def render_report(store_path: str | Path, show_nhs: bool = False,
     not_required = frames.not_required(store_path)
     percentiles = frames.ack_latency_percentiles(store_path)
     throughput = frames.throughput(store_path, freq="auto")
+    shown = failed.head(FAILED_PATIENTS_SHOWN)
+    latest = status["latest_job"]
+    context = {
+        "practice": {"label": f"{name} ({ods})" if name and ods else (name or ods
+                                                                      or store_path.stem),
+                     "name": name, "ods": ods},
+        "store": str(store_path),
+        "latest": _latest(latest, jobs) if latest else None,
+        "generated": _when(now),
+        "masking": ("NHS numbers are shown in full." if show_nhs
+                    else "NHS numbers are masked (943 *** 5919)."),
+        "refusal": refusal,
+        "counters": {label: status["counters"][key] for label, key in VISION_COUNTERS},
+        "statistics": _statistics(status),
+        "not_required": Table(["Reason", "Patients"],
+                              [[words(r, NOT_REQUIRED_WORDS), n]
+                               for r, n in status["not_required_by_reason"].items() if n]),
+        "failed_by_code": Table(["Code", "Plain words", "Category", "Patients", "What to do"],
+                                [[c, explain(c), category(c), n, next_step(c)]
+                                 for c, n in status["failed_by_code"].items()]),
+        "jobs": _jobs_table(jobs),
+        "throughput_note": _throughput_note(throughput),
+        "latency": Table(["Job", "Acks", "p50 (s)", "p90 (s)", "p99 (s)", "max (s)"],
+                         [[j, n, *(_seconds(v) for v in vs)] for j, n, *vs in percentiles[
+                             ["job_id", "acks", *frames.PERCENTILES, "max"]].itertuples(
+                             index=False)]),
+        "failures_by_job": Table(
+            ["Job", "Mode", "Code", "Plain words", "Category", "Failed"],
+            [[j, words(m, MODE_WORDS), c, w, k, n] for j, m, c, w, k, n in
+             frames.failures_by_job(store_path)[
+                 ["job_id", "mode", "code", "words", "category", "failed"]].itertuples(
+                 index=False)]),
+        "failed_note": (f"The first {len(shown)} of {len(failed)} failed patients; "
+                        "frames.failures() lists them all." if len(failed) > len(shown) else ""),
+        "failed": Table(["Patient", "NHS number", "Code", "Plain words", "Job", "Message id",
+                         "Failed at"],
+                        [[f.patient_id, f.nhs_number, f.code, f.words, _value(f.job_id),
+                          f.message_id, _when(f.failed_at)]
+                         for f in shown.itertuples(index=False)]),
+        "charts": {
+            "success_rate": _chart(plot_success_rate, jobs),
+            "throughput": _chart(plot_throughput, throughput, height=3.4),
+            "ack_latency": _chart(plot_ack_latency, percentiles),
+            "failures_by_code": _chart(plot_failures_by_code, by_code,
+                                       height=max(2.2, 0.5 + 0.4 * len(by_code))),
+            "failures_by_category": _chart(plot_failures_by_category, by_category),
+            "not_required": _chart(plot_not_required, not_required, height=3.4),
+        },
+        "version": __version__,
+        "MISSING": MISSING,
+        "NOTHING_TO_SHOW": NOTHING_TO_SHOW,
+    }
+    return _TEMPLATES.get_template("report.html.j2").render(**context)
 
-    masking = ("NHS numbers are shown in full." if show_nhs
-               else "NHS numbers are masked (943 *** 5919).")
-    parts = [
-        f"<h1>SCR GP Summary upload: {_e(store_path.stem)}</h1>",
-        f'<p class="meta">Store {_e(store_path)} &middot; generated {_e(_when(now))} '
-        f"&middot; {_e(masking)} No clinical content.</p>",
-        "<h2>Completion statistics</h2>",
-        _completion(status),
-        "<h3>Not required, by reason</h3>",
-        _table(["Reason", "Patients"],
-               [(r, n) for r, n in status["not_required_by_reason"].items()],
-               empty="No patient is marked not required."),
-        "<h3>Failed, by code</h3>",
-        _table(["Code", "Plain words", "Category", "Patients"],
-               [(c, explain(c), category(c), n) for c, n in status["failed_by_code"].items()],
-               empty="No failed patients."),
-        "<h2>Jobs</h2>",
-        _jobs_table(jobs),
-        _chart(plot_success_rate, jobs),
-        "<h2>Throughput</h2>",
-        _throughput_note(throughput),
-        _chart(plot_throughput, throughput, height=3.4),
-        "<h2>Ack latency</h2>",
-        _table(["Job", "Acks", "p50 (s)", "p90 (s)", "p99 (s)", "max (s)"],
-               [(j, n, *(_seconds(v) for v in vs)) for j, n, *vs in percentiles[
-                   ["job_id", "acks", *frames.PERCENTILES, "max"]].itertuples(index=False)],
-               empty="No acknowledgements yet."),
-        _chart(plot_ack_latency, percentiles),
-        "<h2>Errors</h2>",
-        _chart(plot_failures_by_code, by_code, height=max(2.2, 0.5 + 0.4 * len(by_code))),
-        _chart(plot_failures_by_category, by_category),
-        "<h3>Failures each job met (including those resolved later)</h3>",
-        _table(["Job", "Mode", "Code", "Plain words", "Category", "Failed"],
-               frames.failures_by_job(store_path)[
-                   ["job_id", "mode", "code", "words", "category", "failed"]].itertuples(
-                   index=False),
-               empty="No job met a failure."),
-        "<h3>Failed patients</h3>",
-        _failed_patients(failed),
-        "<h2>Not required</h2>",
-        _chart(plot_not_required, not_required, height=3.4),
-        f'<p class="meta">scr-nb {_e(__version__)}</p>',
-    ]
-    return _PAGE.format(title=_e(f"scr-nb report: {store_path.stem}"), body="\n".join(parts))
+
+def _latest(latest: dict, jobs: pd.DataFrame) -> dict:
+    row = jobs[jobs["job_id"] == latest["id"]]
+    user = row["user_name"].iloc[0] if not row.empty else None
+    return {"id": latest["id"], "mode_words": words(latest["mode"], MODE_WORDS),
+            "scope": f"Patient Group {latest['group']}" if latest["group"] else "the whole list",
+            "status_words": job_words(latest["status"], latest["reason"]),
+            "user": f"{user} ({latest['user_id']})" if user else latest["user_id"],
+            "started": _when(latest["started_at"]), "ended": _when(latest["ended_at"])}
 
 
-def _completion(status: dict) -> str:
+def _statistics(status: dict) -> Table:
     counters, states = status["counters"], status["states"]
-    vision = _table([label for label, _ in VISION_COUNTERS],
-                    [[counters[key] for _, key in VISION_COUNTERS]], css="counters")
     patients = sum(states.values())
-    more = [("Patients in the store", patients),
-            ("Qualifying patients", patients - counters["not_required"]),
-            ("Transmitted, waiting for the ack", states["transmitted"]),
-            ("Acknowledged", states["acknowledged"])]
-    latest = status.get("latest_job")
-    if latest:
-        more.append(("Latest job", f"#{latest['id']} {latest['mode']} "
-                     f"({latest['group'] or 'whole list'}): {latest['status']}"
-                     + (f", {latest['reason']}" if latest["reason"] else "")))
+    rows = [["Patients in the store", patients],
+            ["Qualifying patients", patients - counters["not_required"]],
+            ["Transmitted, waiting for the ack", states["transmitted"]],
+            ["Acknowledged", states["acknowledged"]]]
     holder = status.get("running")
     if holder:
-        more.append(("Running now", f"{holder['user_name']} ({holder['user_id']}) on "
-                     f"{holder['host']}, pid {holder['pid']}, since {holder['since']}"))
-    return vision + _table(["", ""], more, header=False)
+        rows.append(["Running now", f"{holder['user_name']} ({holder['user_id']}) on "
+                     f"{holder['host']}, process {holder['pid']}, since {holder['since']}"])
+    return Table(["", ""], rows)
 
 
-def _jobs_table(jobs: pd.DataFrame) -> str:
-    rows = [(j.job_id, j.mode, j.group or "whole list", j.status, j.reason, j.user_name,
-             _when(j.started_at), _when(j.ended_at), _duration(j.duration_s),
-             j.eligible_in_scope, j.to_send, j.transmitted, j.acknowledged, j.failed,
-             _percent(j.success_rate), _percent(j.acknowledged_of_eligible))
+def _jobs_table(jobs: pd.DataFrame) -> Table:
+    rows = [[j.job_id, words(j.mode, MODE_WORDS), j.group or "whole list",
+             job_words(j.status, None if _missing(j.reason) else j.reason), _value(j.user_name),
+             _when(j.started_at), _duration(j.duration_s), _value(j.to_send),
+             _value(j.acknowledged), _value(j.failed), _percent(j.success_rate)]
             for j in jobs.itertuples(index=False)]
-    return _table(["Job", "Mode", "Scope", "Status", "Reason", "User", "Started", "Ended",
-                   "Duration", "Eligible in scope", "To send", "Transmitted", "Acknowledged",
-                   "Failed", "Success rate", "Acknowledged of eligible"], rows,
-                  empty="No jobs have run on this store.")
+    return Table(["Job", "Mode", "Scope", "Outcome", "User", "Started", "Duration", "To send",
+                  "Acknowledged", "Failed", "Success rate"], rows)
 
 
 def _throughput_note(throughput: pd.DataFrame) -> str:
     if len(throughput) < 2:
         return ""
     step = throughput["period"].iloc[1] - throughput["period"].iloc[0]
-    return f'<p class="meta">Messages per {_e(_duration(step.total_seconds()))}.</p>'
+    return f"Messages per {_duration(step.total_seconds())}."
 
 
-def _failed_patients(failed: pd.DataFrame) -> str:
-    shown = failed.head(FAILED_PATIENTS_SHOWN)
-    rows = [(f.patient_id, f.nhs_number, f.code, f.words, f.category, f.job_id, f.message_id,
-             _when(f.failed_at)) for f in shown.itertuples(index=False)]
-    note = ""
-    if len(failed) > len(shown):
-        note = (f'<p class="meta">The first {len(shown)} of {len(failed)} failed patients; '
-                "frames.failures() lists them all.</p>")
-    return note + _table(["Patient", "NHS number", "Code", "Plain words", "Category", "Job",
-                          "Message id", "Failed at"], rows, empty="No failed patients.")
-
-
-# --- HTML pieces ----------------------------------------------------------------------------------
+# --- values -----------------------------------------------------------------------------------------
 
 def _missing(value: object) -> bool:
     if value is None or value is pd.NA or value is pd.NaT:
@@ -185,9 +200,11 @@ def _missing(value: object) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def _e(value: object) -> str:
-    """A value as escaped HTML text; missing values as a dash."""
-    return "&ndash;" if _missing(value) else html.escape(str(value), quote=True)
+def _value(value: object) -> object:
+    """A cell's value: None (shown as the one missing marker) for every kind of missing."""
+    if _missing(value):
+        return None
+    return int(value) if hasattr(value, "is_integer") and float(value).is_integer() else value
 
 
 def _when(value: object) -> str | None:
@@ -215,51 +232,18 @@ def _percent(value: object) -> str | None:
     return None if _missing(value) else f"{float(value) * 100:.1f}%"
 
 
-def _table(headers: list[str], rows, empty: str = "", css: str = "", header: bool = True) -> str:
-    rows = [list(r) for r in rows]
-    if not rows and empty:
-        return f'<p class="empty">{_e(empty)}</p>'
-    head = ("<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in headers) + "</tr></thead>"
-            if header else "")
-    body = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in rows)
-    cls = f' class="{_e(css)}"' if css else ""
-    return f"<table{cls}>{head}<tbody>{body}</tbody></table>"
-
-
 def _chart(plot: Callable[[Axes, pd.DataFrame], Axes], frame: pd.DataFrame,
-           height: float = 3.0) -> str:
-    """One chart as an embedded PNG, or a line saying there is nothing to draw."""
+           height: float = 3.0) -> dict | None:
+    """One chart as PNG data (base64) with its title, or None when there is nothing to draw."""
     if frame.empty:
-        return f'<p class="empty">{_e(NOTHING_TO_SHOW)}.</p>'
+        return None
     figure = Figure(figsize=(8, height), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     ax = plot(figure.add_subplot(), frame)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{_e(ax.get_title() or "chart")}">'
-
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{title}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 70em; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
-th {{ background: #f2f2f2; }}
-table.counters td {{ font-size: 1.4em; text-align: center; }}
-.meta, .empty {{ color: #666; font-size: 0.9em; }}
-img {{ max-width: 100%; display: block; margin: 0.5em 0 1em; }}
-</style>
-</head>
-<body>
-{body}
-</body>
-</html>
-"""
+    return {"data": base64.b64encode(buffer.getvalue()).decode("ascii"),
+            "title": ax.get_title() or "chart"}
 
 
 __all__ = [
