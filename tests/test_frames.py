@@ -26,6 +26,7 @@ from tests.test_engine import job
 ROOT = Path(__file__).resolve().parents[1]
 MONITOR = ROOT / "notebooks" / "monitor.ipynb"
 NHS_LIKE = re.compile(r"\b\d{10}\b|\d{3} \d{3} \d{4}")
+CSV_DATA = re.compile(r"data:text/csv;base64,[A-Za-z0-9+/=]+")
 IMAGE_DATA = re.compile(r"data:image/png;base64,[A-Za-z0-9+/=]+")
 
 EVERY_FRAME = {
@@ -239,11 +240,36 @@ def test_monitor_notebook_runs_in_a_kernel_with_stores_and_with_none(uploaded, t
     outputs = [o for cell in executed.cells for o in cell.get("outputs", [])]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5
     text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
-                     for o in outputs)
-    assert "completed" in text and ("30418" in text or "35160" in text)
-    assert NHS_LIKE.search(text) is None
+                     + str(o.get("data", {}).get("text/html", "")) for o in outputs)
+    assert "Completed" in text and ("30418" in text or "35160" in text)
+    assert "What to do" in text and 'download="errors.csv"' in text
+    assert "practice.sqlite" not in text.replace(str(uploaded), "")   # practices by name
+    assert NHS_LIKE.search(IMAGE_DATA.sub("", CSV_DATA.sub("", text))) is None
 
     empty = nbformat.read(tmp_path / "without.ipynb", as_version=4)
     printed = [o.get("text", "") for cell in empty.cells for o in cell.get("outputs", [])
                if o.get("output_type") == "stream"]
     assert any("Nothing to show" in p for p in printed)
+
+
+def test_the_monitors_filters_and_csv_exports(uploaded):
+    import base64
+    from datetime import date, timedelta
+
+    from scr_nb.reporting.monitor import Monitor, csv_link
+
+    monitor = Monitor([uploaded])
+    assert len(monitor.tables["jobs"]) == 2 and not monitor.tables["errors"].empty
+    assert monitor.tables["errors"]["What to do"].str.contains("Failed|Do not re-send").all()
+    first = monitor.jobs.options[0][1]
+    monitor.jobs.value = (first,)
+    assert list(monitor.tables["jobs"]["Job"]) == [first]
+    monitor.jobs.value = ()
+    monitor.since.value = date.today() + timedelta(days=1)
+    assert monitor.tables["jobs"].empty and "Nothing matches" in monitor.output.value
+    monitor.since.value = None
+    monitor.practices.value = (monitor.practices.options[0],)
+    assert len(monitor.tables["jobs"]) == 2
+    link = csv_link(monitor.tables["jobs"], "jobs")
+    data = base64.b64decode(re.search(r"base64,([^\"]+)", link).group(1)).decode()
+    assert data.splitlines()[0].startswith("Practice,Job,Mode") and len(data.splitlines()) == 3

@@ -15,6 +15,7 @@ from matplotlib.axes import Axes
 
 from scr_nb.constants import explain
 from scr_nb.reporting import frames
+from scr_nb.store.words import NOT_REQUIRED_WORDS, words
 
 NOTHING_TO_SHOW = "Nothing to show yet"
 
@@ -134,7 +135,8 @@ def plot_not_required(ax: Axes, not_required: pd.DataFrame) -> Axes:
     counts = counts[counts > 0]
     if counts.empty:
         return _nothing(ax)
-    bars = ax.barh(counts.index.astype(str)[::-1], counts.to_numpy()[::-1], color="tab:gray")
+    labels = [words(str(r), NOT_REQUIRED_WORDS) for r in counts.index]
+    bars = ax.barh(labels[::-1], counts.to_numpy()[::-1], color="tab:gray")
     ax.bar_label(bars, fontsize=8)
     ax.set_xlabel("patients")
     ax.set_title("Not required, by reason")
