@@ -185,3 +185,23 @@ def test_another_hosts_holder_is_judged_by_its_beat_not_by_clocks(store, monkeyp
     assert holder.host == "another-host" and read_holder(store.db) is None
     with pytest.raises(RefusedError, match="nothing to break"):
         break_lock(store)
+
+
+def test_stop_requests_travel_through_the_store_with_who_asked(store, tmp_path):
+    first = StoreLock(store, "555000000001", "Dr A", NOW)
+    first.acquire()
+    try:
+        job = store.start_job("run", "run", None, None, "555000000001", "Dr A", {})
+        other = Store(tmp_path / "practice.sqlite")       # another process, another panel
+        try:
+            assert other.running_job().id == job.id
+            other.ask(job.id, "close", "555000000002", "Sam Clerk")
+            with pytest.raises(ValueError, match="stop, close, cancel"):
+                other.ask(job.id, "explode", "555000000002", "Sam Clerk")
+        finally:
+            other.close()
+        assert store.take_requests(job.id) == [("close", "555000000002", "Sam Clerk")]
+        assert store.take_requests(job.id) == []            # each seen once
+    finally:
+        first.release()
+    assert store.running_job() is None

@@ -32,6 +32,8 @@ from scr_nb.store.states import (
 
 NOT_IN_EXTRACT = "not_in_extract"   # a patient the store knows but the latest extract does not
 _IN_FLIGHT_SQL = ", ".join(sorted(f"'{state.value}'" for state in IN_FLIGHT))
+CONTROL_REQUESTS = ("stop", "close", "cancel")     # Stop, Stop and Close, Cancel
+RUNNING_STATUSES = ("running", "paused")
 MAX_DEFERRED = 500                  # deferred moves written at the latest with the 500th
 
 
@@ -467,6 +469,37 @@ class Store:
         self.flush()
         return dict(self.db.execute("SELECT reason, COUNT(*) FROM patients WHERE state = 'failed' "
                                     "GROUP BY reason ORDER BY COUNT(*) DESC, reason"))
+
+    # --- control requests: Stop, Stop and Close, Cancel from anywhere -------------------------------
+
+    def running_job(self) -> Job | None:
+        """The job running on this store now, if any: the latest, while its lock is held."""
+        if self.lock_holder() is None:
+            return None
+        latest = self.latest_job(any_scope=True)
+        return latest if latest is not None and latest.status in RUNNING_STATUSES else None
+
+    def ask(self, job_id: int, request: str, user_id: str, user_name: str) -> None:
+        """Ask a running job to stop (``stop``), stop and close (``close``) or cancel (``cancel``);
+        the job reads it within two seconds and logs who asked."""
+        if request not in CONTROL_REQUESTS:
+            raise ValueError(f"a request is one of {', '.join(CONTROL_REQUESTS)}, not {request!r}")
+        with self.transaction() as db:
+            db.execute("INSERT INTO control_requests (job_id, request, user_id, user_name, "
+                       "asked_at) VALUES (?, ?, ?, ?, ?)",
+                       (job_id, request, user_id, user_name, now_iso()))
+
+    def take_requests(self, job_id: int) -> list[tuple[str, str, str]]:
+        """The requests for ``job_id`` not seen yet, oldest first, as (request, user id, user
+        name); they are marked seen."""
+        rows = self.db.execute("SELECT id, request, user_id, user_name FROM control_requests "
+                               "WHERE job_id = ? AND seen_at IS NULL ORDER BY id",
+                               (job_id,)).fetchall()
+        if rows:
+            with self.transaction() as db:
+                db.executemany("UPDATE control_requests SET seen_at = ? WHERE id = ?",
+                               [(now_iso(), row[0]) for row in rows])
+        return [tuple(row[1:]) for row in rows]
 
     def lock_holder(self) -> dict | None:
         """Who holds the store's job lock (user, host, pid, since), if anyone."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from scr_nb.errors import StoreError
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 # What a read may raise while the job that creates a store is still writing its tables.
 DatabaseError = sqlite3.Error
 SCHEMA = """
@@ -103,6 +103,10 @@ MIGRATIONS: dict[str, tuple[str, ...]] = {
     # the lock's holder: its process start (pid reuse) and a beat counter (skew-free heartbeats)
     "2": ("ALTER TABLE job_lock ADD COLUMN started TEXT",
           "ALTER TABLE job_lock ADD COLUMN beat INTEGER NOT NULL DEFAULT 0"),
+    # Stop, Stop and Close and Cancel asked from anywhere that can open the store (SPEC 8)
+    "3": ("CREATE TABLE IF NOT EXISTS control_requests (id INTEGER PRIMARY KEY, "
+          "job_id INTEGER NOT NULL, request TEXT NOT NULL, user_id TEXT NOT NULL, "
+          "user_name TEXT NOT NULL, asked_at TEXT NOT NULL, seen_at TEXT)",),
 }
 
 
