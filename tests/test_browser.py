@@ -19,6 +19,7 @@ from scr_nb.sim.demo import free_port
 from scr_nb.spine import session as sessions
 from tests.conftest import ADMIN
 from tests.test_engine import eligible_numbers, held
+from tests.test_frames import uploaded  # noqa: F401  (a store after Run and Failed)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -97,3 +98,48 @@ def test_the_control_panel_in_a_real_browser(voila, practice, today):
         finally:
             browser.close()
     assert set(held(spine)) == eligible_numbers(practice, today)
+
+
+def _browser(playwright):
+    assert Path(CHROMIUM).exists(), ("Debian's chromium is needed: apt-get install chromium "
+                                     "(scripts/test.sh installs it when it can)")
+    return playwright.chromium.launch(
+        executable_path=CHROMIUM, headless=True,
+        args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+
+
+@pytest.mark.kernel
+def test_the_report_and_the_monitor_read_on_a_laptop_screen(uploaded, tmp_path):
+    """The HTML report and the monitor notebook (executed and exported as the scheduler files it)
+    opened at 1280 pixels wide: nothing runs off the side, the practice is named, and screenshots
+    are kept under reports/test-artifacts/ to be read by eye."""
+    import nbformat
+    import papermill
+    from nbconvert import HTMLExporter
+    from playwright.sync_api import sync_playwright
+
+    from scr_nb.reporting.html_report import write_report
+
+    report = write_report(uploaded, tmp_path / "reports")
+    executed = tmp_path / "monitor.ipynb"
+    papermill.execute_notebook(str(ROOT / "notebooks" / "monitor.ipynb"), str(executed),
+                               parameters={"stores": [str(uploaded)]}, kernel_name="python3",
+                               progress_bar=False)
+    exporter = HTMLExporter()
+    exporter.exclude_input = True
+    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
+    monitor = tmp_path / "monitor.html"
+    monitor.write_text(body, encoding="utf-8")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = _browser(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            for path, shot in ((report, "report.png"), (monitor, "monitor.png")):
+                page.goto(path.as_uri())
+                assert page.evaluate("document.documentElement.scrollWidth") <= 1280, shot
+                assert page.get_by_text("demonstration practice (A12345)").first.is_visible()
+                page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
+        finally:
+            browser.close()
