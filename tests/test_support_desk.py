@@ -311,3 +311,26 @@ def test_every_code_the_kit_can_record_has_plain_words_and_a_next_step(failures)
     frame = failed_patients(failures.store)
     assert frame["next_step"].notna().all()
     assert "Next: Trace the patient on PDS" in overview(failures.store)
+
+
+def test_every_timeline_row_says_what_happened(failures):
+    from scr_nb.ui.support_desk import _what_happened
+
+    for patient in failures.unknown + failures.rejected:
+        steps = timeline(failures.store, find_patient(failures.store, patient.patient_id))
+        assert steps["what_happened"].str.len().gt(10).all()
+        assert steps["what_happened"].str.contains("Acknowledgement received").any()
+    assert _what_happened("post", 429, "", None).startswith("Rate limited by the Spine (429)")
+    assert "briefly unavailable (HTTP 503" in _what_happened("post", 503, "", None)
+    assert "No answer from the Spine" in _what_happened("post", float("nan"), "ReadTimeout", None)
+    assert "over the Spine's 4,999,600 byte limit" in _what_happened(
+        float("nan"), float("nan"), None, "message_too_large")
+
+
+def test_the_filter_shows_itself_in_an_exported_page(failures):
+    desk = filter_widgets(failures.store)
+    desk.code.value = "35160"
+    bundle = desk._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle      # live: the widgets
+    assert "<b>Filter</b> (Code: 35160" in bundle["text/html"]      # exported: what it showed
+    assert failures.rejected[0].patient_id in bundle["text/html"]

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import date, datetime, time, timedelta
+from html import escape as html_text
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -35,7 +36,8 @@ FAILED_COLUMNS = ["pkey", "patient_id", "nhs_number", "failure_code", "explanati
                   "category",
                   "failed_at", "job_id", "message_id", "ack_codes", "source_row"]
 TIMELINE_COLUMNS = ["message_id", "job_id", "gp_summary_id", "replaces_summary_id", "created_at",
-                    "time", "kind", "http_status", "detail", "ack_type", "ack_codes",
+                    "time", "kind", "http_status", "what_happened", "detail", "ack_type",
+                    "ack_codes",
                     "message_state", "failure_code", "explanation"]
 ALL = ""   # the filter widgets' "no filter" choice
 
@@ -179,7 +181,43 @@ def timeline(store: StoreLike, pkey: str) -> pd.DataFrame:
     for column in ("ack_type", "ack_codes"):
         frame[column] = frame[column].where(brought_ack, None)
     frame["explanation"] = frame["failure_code"].map(explain, na_action="ignore")
+    frame["what_happened"] = [_what_happened(k, s, d, c) for k, s, d, c in
+                              zip(frame["kind"], frame["http_status"], frame["detail"],
+                                  frame["failure_code"])]
     return frame[TIMELINE_COLUMNS]
+
+
+_TRANSIENT = {500, 502, 503, 504}
+
+
+def _what_happened(kind: object, status: object, detail: object, failure: object) -> str:
+    """One timeline row in words, whatever the Spine answered (or did not)."""
+    said = "" if pd.isna(detail) or not str(detail).strip() else f" ({str(detail).strip()})"
+    if pd.isna(kind):
+        code = "" if pd.isna(failure) else str(failure)
+        return f"No request was sent: {explain(code)}" if code else "Built, not sent yet"
+    status = None if pd.isna(status) else int(status)
+    if kind == "post":
+        if status is None:
+            return f"No answer from the Spine{said}; tried again with the same message id"
+        if status == 202:
+            return f"Taken by the Spine for processing; its ack is polled for{said}"
+        if status == 429:
+            return "Rate limited by the Spine (429); tried again after the wait it asked for"
+        if status in _TRANSIENT:
+            return f"The Spine was briefly unavailable (HTTP {status}{said}); tried again"
+        if status == 401:
+            return "The Spine rejected the Smartcard session: the job stopped; log in and Resume"
+        if status == 403:
+            return "The Spine refused the user (no B0062 on its side): the job stopped"
+        return f"Refused by the Spine: HTTP {status}{said}"
+    if status is None:
+        return f"No answer to the poll{said}; polled again"
+    if status == 200:
+        return f"Acknowledgement received{said}"
+    if status == 202:
+        return "Not ready yet; polled again"
+    return f"Unexpected answer to the poll: HTTP {status}{said}"
 
 
 def last_sent_message(store: StoreLike, pkey: str) -> str | None:
@@ -371,6 +409,19 @@ class FailedPatientsFilter(widgets.VBox):
                                      since=self.since.value, group=self.group.value or None,
                                      show_nhs=self.show_nhs)
         self.table.value = table_html(self.frame)
+
+    def static_html(self) -> str:
+        """The filter as it stands, in words, with its table: what an exported page shows."""
+        chosen = [("Code", self.code.label), ("Failed since", str(self.since.value or "any day")),
+                  ("Group", self.group.label)]
+        said = "; ".join(f"{name}: {html_text(value)}" for name, value in chosen)
+        return f"<p><b>Filter</b> ({said})</p>{self.table.value}"
+
+    def _repr_mimebundle_(self, **kwargs):
+        """Live, the widgets; in an exported page or a papermill run, the filter and its table."""
+        bundle = super()._repr_mimebundle_(**kwargs)
+        bundle["text/html"] = self.static_html()
+        return bundle
 
 
 def filter_widgets(store: StoreLike, show_nhs: bool = False) -> FailedPatientsFilter:
