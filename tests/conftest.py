@@ -1,14 +1,17 @@
-"""Shared fixtures: the Spine simulator on a free loopback port, users, sessions, practices."""
+"""Shared fixtures: the Spine simulator on a free loopback port, users, sessions, practices, and a
+throwaway PKI made at test time (trustme) for mutual TLS."""
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import pytest
+import trustme
 
-from scr_nb.sim.spine_sim import SimConfig, SimulatorThread
+from scr_nb.sim.spine_sim import ServerTls, SimConfig, SimulatorThread
 from scr_nb.sim.synth import write_practice
 from scr_nb.spine import session as sessions
 
@@ -36,15 +39,69 @@ CLERK = {"user_id": "555000000002", "passcode": "clerk-passcode", "name": "Sam C
 USERS = [ADMIN, CLERK]
 
 
+@dataclass(frozen=True)
+class Pki:
+    """PEM files of two unrelated CAs: ``ca`` signs the Spine's certificate and this system's
+    client certificate; ``other_ca`` signs a rogue server's and a stranger's."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+    rogue_server_cert: Path
+    rogue_server_key: Path
+    stranger_cert: Path
+    stranger_key: Path
+
+    def server(self, mutual: bool = True) -> ServerTls:
+        """The simulator's TLS: HTTPS with the trusted certificate, client certificates from
+        ``ca`` required when ``mutual``."""
+        return ServerTls(str(self.server_cert), str(self.server_key),
+                         str(self.ca) if mutual else None)
+
+    def rogue_server(self) -> ServerTls:
+        return ServerTls(str(self.rogue_server_cert), str(self.rogue_server_key), str(self.ca))
+
+    def client_options(self) -> list[str]:
+        """The kit's TLS options for the trusted CA and this system's client certificate."""
+        return ["--ca-bundle", str(self.ca), "--client-cert", str(self.client_cert),
+                "--client-key", str(self.client_key)]
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Pki:
+    """A throwaway PKI, made once per test run; nothing of it is kept."""
+    folder = tmp_path_factory.mktemp("pki")
+    ca, other = trustme.CA(), trustme.CA()
+
+    def write(cert: trustme.LeafCert, name: str) -> tuple[Path, Path]:
+        cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
+        cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+        cert.private_key_pem.write_to_path(str(key_path))
+        return cert_path, key_path
+
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    other.cert_pem.write_to_path(str(folder / "other-ca.pem"))
+    return Pki(folder / "ca.pem",
+               *write(ca.issue_cert("127.0.0.1", "localhost", "::1"), "server"),
+               *write(ca.issue_cert("practice-system.example"), "client"),
+               folder / "other-ca.pem",
+               *write(other.issue_cert("127.0.0.1", "localhost"), "rogue-server"),
+               *write(other.issue_cert("practice-system.example"), "stranger"))
+
+
 @pytest.fixture
 def spine_factory():
-    """Start simulators with given switches; all are stopped at the end of the test."""
+    """Start simulators with given switches (and ``tls=ServerTls(...)`` for HTTPS); all are
+    stopped at the end of the test."""
     running: list[SimulatorThread] = []
 
-    def start(**switches) -> SimulatorThread:
+    def start(tls: ServerTls | None = None, **switches) -> SimulatorThread:
         switches.setdefault("users", USERS)
         switches.setdefault("poll_retry_after_ms", 5)
-        sim = SimulatorThread(SimConfig(**switches))
+        sim = SimulatorThread(SimConfig(**switches), tls=tls)
         sim.start()
         running.append(sim)
         return sim

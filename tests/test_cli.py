@@ -181,3 +181,17 @@ def test_a_second_upload_is_refused_while_the_first_runs(practice, tmp_path, spi
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=60)
     assert first.returncode == 4
+
+
+def test_every_command_that_talks_to_the_spine_takes_the_tls_options():
+    """Defined once (cli.add_tls_options) and on login, upload and scheduled alike."""
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name in ("login", "upload", "scheduled"):
+        options = {o for action in commands[name]._actions for o in action.option_strings}
+        assert {"--ca-bundle", "--client-cert", "--client-key"} <= options, name
+    for name in ("synth", "eligibility", "status", "log", "report"):
+        options = {o for action in commands[name]._actions for o in action.option_strings}
+        assert "--client-cert" not in options, name
+    sim = {o for action in commands["spine-sim"]._actions for o in action.option_strings}
+    assert {"--tls-cert", "--tls-key", "--client-ca"} <= sim

@@ -83,3 +83,29 @@ def test_the_control_panel_notebook_runs_under_papermill(practice, tmp_path, spi
                                kernel_name="python3", progress_bar=False)
     text = out.read_text()
     assert "application/vnd.jupyter.widget-view+json" in text
+
+
+def test_the_panel_logs_in_and_uploads_over_mutual_tls_from_the_environment(
+        practice, tmp_path, spine_factory, pki, monkeypatch, today):
+    """Under Voila the TLS settings come from SCR_NB_CA_BUNDLE, SCR_NB_CLIENT_CERT and
+    SCR_NB_CLIENT_KEY, as the notebook's parameters cell reads them."""
+    spine = spine_factory(tls=pki.server(mutual=True))
+    monkeypatch.setenv("SCR_NB_CA_BUNDLE", str(pki.ca))
+    monkeypatch.setenv("SCR_NB_CLIENT_CERT", str(pki.client_cert))
+    monkeypatch.setenv("SCR_NB_CLIENT_KEY", str(pki.client_key))
+    panel = panel_for(practice, tmp_path, spine)
+    panel.user.value, panel.passcode.value = ADMIN["user_id"], ADMIN["passcode"]
+    panel.login_button.click()
+    assert ADMIN["name"] in panel.session_line.value
+    panel.mode_buttons["Run"].click()
+    panel.ok.click()
+    wait(panel)
+    assert panel.outcome.exit_code == 0, panel.outcome.message
+    assert set(held(spine)) == eligible_numbers(practice, today)
+
+    stranger = ControlPanel(str(practice), str(tmp_path / "other.sqlite"), spine.url, "",
+                            client_cert=str(pki.stranger_cert), client_key=str(pki.stranger_key))
+    stranger.user.value, stranger.passcode.value = ADMIN["user_id"], ADMIN["passcode"]
+    stranger.login_button.click()
+    assert "Login refused" in stranger.session_line.value
+    assert "refused the client certificate" in stranger.session_line.value

@@ -83,3 +83,17 @@ def test_sigterm_stops_a_scheduled_run_cleanly_and_it_still_files_its_report(
     outcome = json.loads((folder / "outcome.json").read_text())
     assert outcome["job"]["status"] == "stopped" and outcome["job"]["reason"] == "user_stop"
     assert "Resume" in (folder / "scheduled_upload.html").read_text(encoding="utf-8")
+
+
+def test_scheduled_passes_the_tls_options_to_the_notebook(practice, tmp_path, spine_factory, pki,
+                                                         monkeypatch, today):
+    """`scr-nb scheduled` over mutual TLS: the options reach the notebook's job."""
+    spine = spine_factory(tls=pki.server(mutual=True))
+    monkeypatch.setenv("SCR_NB_PASSCODE", ADMIN["passcode"])
+    session = tmp_path / "session.json"
+    assert cli.main(["login", "--identity", spine.url, "--user", ADMIN["user_id"],
+                     "--session", str(session), *pki.client_options()]) == 0
+    assert scheduled(practice, tmp_path, spine, session, *pki.client_options()) == 0
+    assert set(held(spine)) == eligible_numbers(practice, today)
+    notebook = (the_report(tmp_path) / "scheduled_upload.ipynb").read_text(encoding="utf-8")
+    assert f'client_cert = \\"{pki.client_cert}\\"' in notebook

@@ -6,12 +6,15 @@ Time is an injected clock: tests move it instead of sleeping.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import uuid
 from datetime import datetime
 
 import httpx
+import jwt
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from lxml import etree
 
 from scr_nb import constants
@@ -20,19 +23,21 @@ from scr_nb.sim import identity
 from scr_nb.sim.spine_sim import (
     SimConfig,
     SimulatorThread,
+    _loopback_only,
     add_arguments,
     config_from_args,
 )
 from scr_nb.spine import mime
 
 HL7 = "{urn:hl7-org:v3}"
-SECRET = b"test-secret-for-the-simulator"
+SECRET = b"test-secret-for-the-simulator-32-bytes-at-least"
 USERS = [
     {"user_id": "555021935107", "passcode": "1234", "name": "Dr Ada Admin",
      "role_profile_id": "555021936108", "activities": [constants.B0062]},
     {"user_id": "555021935200", "passcode": "short", "name": "Nurse Short Session",
      "role_profile_id": "555021936200", "activities": ["B0264"], "session_hours": 0.5},
 ]
+NURSE = USERS[1]
 # Valid Modulus 11 NHS numbers from the test range, and one that fails the check.
 NHS_A, NHS_B, NHS_C = "9990000018", "9990000026", "9990000034"
 NHS_BAD = "9990000019"
@@ -135,9 +140,9 @@ def fault_code(response: httpx.Response) -> str:
 class Spine:
     """A logged-in client of one running simulator."""
 
-    def __init__(self, thread: SimulatorThread, user: dict = USERS[0]):
+    def __init__(self, thread: SimulatorThread, user: dict = USERS[0], **http):
         self.thread = thread
-        self.http = httpx.Client(base_url=thread.url, timeout=10)
+        self.http = httpx.Client(base_url=thread.url, timeout=10, **http)
         self.user = user
         self.token = self.login().json()["token"]
 
@@ -214,6 +219,16 @@ def test_login_gives_a_signed_session_that_expires_after_session_hours(spine, cl
     assert expires.timestamp() == clock.now + 10 * 3600
     claims = identity.verify_token(body["token"], SECRET, clock.now)
     assert claims["role_profile_id"] == "555021936108"
+    # A standard JWT, readable by any JWT library with the secret, issuer and audience.
+    standard = jwt.decode(body["token"], SECRET, algorithms=["HS256"], issuer=identity.ISSUER,
+                          audience=identity.AUDIENCE, options={"verify_exp": False,
+                                                               "verify_iat": False})
+    assert jwt.get_unverified_header(body["token"])["alg"] == "HS256"
+    assert {k: standard[k] for k in ("iss", "sub", "aud", "iat", "exp", "role_profile_id",
+                                     "activities")} == {
+        "iss": identity.ISSUER, "sub": "555021935107", "aud": identity.AUDIENCE,
+        "iat": int(clock.now), "exp": int(clock.now) + 10 * 3600,
+        "role_profile_id": "555021936108", "activities": ["B0062"]}
 
     short = client.login(user_id="555021935200", passcode="short").json()
     assert datetime.fromisoformat(short["expires_at"]).timestamp() == clock.now + 1800
@@ -235,13 +250,17 @@ def test_missing_forged_and_expired_tokens_are_401(spine, clock):
     missing = client.send(content_type, body, token=False)
     assert missing.status_code == 401 and "Bearer" in missing.json()["error"]
 
-    forged, _ = identity.issue_token(USERS[0], b"another secret", clock.now, 10)
+    forged, _ = identity.issue_token(USERS[0], b"another secret" * 3, clock.now, 10)
     answer = client.send(content_type, body, token=forged)
     assert answer.status_code == 401 and answer.json()["reason"] == "forged"
 
-    payload, _, signature = client.token.partition(".")
-    tampered = client.send(content_type, body, token=payload[:-2] + "xx." + signature)
-    assert tampered.status_code == 401
+    tampered = client.send(content_type, body, token=with_claims(client.token, sub="555021935200"))
+    assert tampered.status_code == 401 and tampered.json()["reason"] == "forged"
+
+    other_audience, _ = identity.issue_token(USERS[0], SECRET, clock.now, 10,
+                                             audience="another-service")
+    answer = client.send(content_type, body, token=other_audience)
+    assert answer.status_code == 401 and answer.json()["reason"] == "wrong_audience"
 
     clock.advance(10 * 3600 + 1)
     expired = client.send(content_type, body)
@@ -254,7 +273,41 @@ def test_session_urid_must_match_the_tokens_role_profile(spine):
     client = spine()
     _, _, content_type, body = make_message()
     answer = client.send(content_type, body, **{"NHSD-Session-URID": "999999999999"})
-    assert answer.status_code == 401 and "NHSD-Session-URID" in answer.json()["error"]
+    assert answer.status_code == 403 and "NHSD-Session-URID" in answer.json()["error"]
+    assert client.stats()["accepted"] == 0 and client.stats()["forbidden"] == 1
+
+
+def test_a_token_without_b0062_is_403_on_every_clinical_request(spine):
+    """Authorised from the verified token alone: the nurse's token lacks B0062, and no header
+    claiming otherwise helps."""
+    admin = spine()
+    nurse = Spine(admin.thread, NURSE)
+    try:
+        _, _, content_type, body = make_message()
+        answer = nurse.send(content_type, body)
+        assert answer.status_code == 403 and answer.json()["reason"] == "no_b0062"
+        assert "B0062" in answer.json()["error"]
+        sent = admin.send(content_type, body)
+        assert sent.status_code == 202
+        assert nurse.poll(sent.headers["content-location"]).status_code == 403
+        assert admin.poll(sent.headers["content-location"]).status_code == 200
+    finally:
+        nurse.http.close()
+    assert admin.stats()["accepted"] == 1 and admin.stats()["forbidden"] == 2
+
+
+def test_the_base_url_answers_without_a_token_and_counts_no_request(spine):
+    client = spine()
+    answer = client.http.get("/")
+    assert answer.status_code == 200 and answer.json()["clinical"] == "/clinical"
+    assert client.stats()["requests"] == 0
+
+
+def test_poll_locations_can_be_given_on_another_origin(spine):
+    client = spine(poll_location_base="http://127.0.0.1:9/elsewhere")
+    _, _, content_type, body = make_message()
+    sent = client.send(content_type, body)
+    assert sent.headers["content-location"].startswith("http://127.0.0.1:9/elsewhere/poll/")
 
 
 # --- the upload and its ack -----------------------------------------------------------------------
@@ -501,18 +554,53 @@ def test_admin_stats_count_what_happened(spine):
 
 # --- identity module and command line -------------------------------------------------------------
 
+def with_claims(token: str, **changes) -> str:
+    """The token with some claims changed and its signature kept: a tampered token."""
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims.update(changes)
+    raw = json.dumps(claims, separators=(",", ":")).encode()
+    return f"{header}.{base64.urlsafe_b64encode(raw).rstrip(b'=').decode()}.{signature}"
+
+
 def test_tokens_are_verified_not_trusted():
-    token, _ = identity.issue_token(USERS[0], SECRET, 1000.0, 1.0)
+    token, _ = identity.issue_token(NURSE, SECRET, 1000.0, 1.0)
     assert identity.verify_token(token, SECRET, 1000.0)["exp"] == 4600
+    unsigned = jwt.encode({**identity.verify_token(token, SECRET, 1000.0)}, None,
+                          algorithm="none")
+    no_subject = jwt.encode({"iss": identity.ISSUER, "aud": identity.AUDIENCE, "iat": 1000,
+                             "exp": 4600}, SECRET, algorithm="HS256")
     for bad, reason in ((None, "missing"), ("abc", "garbled"), ("a.b.c", "garbled"),
-                        ("e30.AAAA", "forged"), ("ü.x", "garbled")):
+                        ("ü.x", "garbled"), (unsigned, "forged"),
+                        (with_claims(token, activities=["B0062"]), "forged"),
+                        (identity.issue_token(NURSE, b"x" * 32, 1000.0, 1.0)[0], "forged"),
+                        (identity.issue_token(NURSE, SECRET, 1000.0, 1.0,
+                                              audience="elsewhere")[0], "wrong_audience"),
+                        (identity.issue_token(NURSE, SECRET, 1000.0, 1.0,
+                                              issuer="elsewhere")[0], "wrong_issuer"),
+                        (no_subject, "incomplete")):
         with pytest.raises(identity.InvalidToken) as raised:
             identity.verify_token(bad, SECRET, 1000.0)
-        assert raised.value.reason == reason
+        assert raised.value.reason == reason, bad
+    assert identity.verify_token(token, SECRET, 4599.0)["sub"] == NURSE["user_id"]
     with pytest.raises(identity.InvalidToken, match="expired"):
-        identity.verify_token(token, SECRET, 4600.0)
-    with pytest.raises(identity.InvalidToken, match="forged"):
-        identity.verify_token(token, b"other", 1000.0)
+        identity.verify_token(token, SECRET, 4600.0)   # no leeway: expired at exp
+
+
+def test_the_admin_endpoints_answer_loopback_clients_only():
+    class Peer:
+        def __init__(self, address):
+            self.address = address
+
+        def get_extra_info(self, name, default=None):
+            return (self.address, 50000) if name == "peername" else default
+
+    def remote(address):
+        return make_mocked_request("GET", "/_admin/stats", transport=Peer(address))
+
+    assert _loopback_only(remote("127.0.0.1")) is None
+    assert _loopback_only(remote("::1")) is None
+    assert _loopback_only(remote("192.0.2.7")).status == 403
 
 
 def test_users_file_is_checked_and_errors_name_the_file_and_entry(tmp_path):
@@ -530,6 +618,12 @@ def test_users_file_is_checked_and_errors_name_the_file_and_entry(tmp_path):
     path.write_text("{not json")
     with pytest.raises(identity.UsersFileError, match="users.json: not valid JSON"):
         identity.load_users(path)
+    for field, value in (("user_id", "u1"), ("role_profile_id", "R8000"),
+                         ("user_id", "5550219351070")):
+        path.write_text(json.dumps([USERS[0], {**USERS[1], field: value}]))
+        with pytest.raises(identity.UsersFileError,
+                           match=rf"users.json, entry 2 .*'{field}' '{value}' is not a 12-digit"):
+            identity.load_users(path)
 
 
 def test_fault_switches_parse_into_a_config(tmp_path):

@@ -6,6 +6,9 @@ Spine client and the clock are handed in, so tests can replace any of them.
 
 Flow of one patient: build -> store (queued, id committed) -> POST with retries (sending) -> 202
 (transmitted) -> poll -> AA (acknowledged) or AE/AR, retries exhausted, ack timeout (failed).
+
+Before the lock, the store or anything else, a job makes one complete non-clinical request to the
+Spine (``tls.check_connection``): a TLS failure or an unreachable Spine refuses it within seconds.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from scr_nb.clock import SystemClock
-from scr_nb.errors import ExtractError, RefusedError
+from scr_nb.errors import ExtractError, RefusedError, TlsFailure, Unreachable
 from scr_nb.extract.eligibility import Decision, Policy, decide, summarise
 from scr_nb.extract.reader import load_practice
 from scr_nb.extract.records import Practice
@@ -27,6 +30,7 @@ from scr_nb.job.pipeline import Pipeline
 from scr_nb.job.schedule import ScheduleError
 from scr_nb.spine.client import SpineClient
 from scr_nb.spine.session import Session
+from scr_nb.spine.tls import CHECK_TIMEOUT, TlsSettings, check_connection
 from scr_nb.store.lock import StoreLock
 from scr_nb.store.log import PracticeLog
 from scr_nb.store.practice_store import Store
@@ -41,8 +45,10 @@ class Engine:
                  *, clock: SystemClock | None = None,
                  client_factory: Callable[..., SpineClient] | None = None,
                  on_progress: Callable[[Progress], None] | None = None,
-                 control: JobControl | None = None):
+                 control: JobControl | None = None, tls: TlsSettings | None = None):
         self.store, self.session, self.spine_url = store, session, spine_url
+        self.tls = tls if tls is not None else TlsSettings.from_options()
+        self.stop_detail: str | None = None   # the words of a 403 or TLS failure that stopped it
         self.practice_dir = Path(practice_dir)
         self.clock = clock or SystemClock()
         self.client_factory = client_factory or SpineClient
@@ -75,6 +81,15 @@ class Engine:
                            user_id=self.session.user_id, reason=str(err),
                            use_mode=getattr(err, "use_mode", None))
             raise
+
+    async def _check_connection(self) -> None:
+        """One GET of the Spine's base URL on a fresh connection (never a clinical message): any
+        HTTP answer will do; a TLS failure, or no answer at all, refuses the job."""
+        try:
+            await asyncio.to_thread(check_connection, self.spine_url, self.tls, CHECK_TIMEOUT)
+        except (TlsFailure, Unreachable) as err:
+            raise RefusedError(f"{err}. Nothing was sent and no job was started; start it "
+                               "again once the connection works.") from err
 
     def _check_schedule(self, options: JobOptions) -> None:
         options.schedule.check(self.clock.now())
@@ -120,6 +135,7 @@ class Engine:
         self.lock = StoreLock(self.store, self.session.user_id, self.session.name, self.clock.now)
         with self._refusals_logged(options):
             self.session.require_b0062(self.clock.now())
+            await self._check_connection()
             crashed = self.lock.acquire()
         if crashed is not None:
             self.log.write("takeover", user_id=self.session.user_id,
@@ -166,6 +182,7 @@ class Engine:
                            error=f"{type(err).__name__}: {err}")
             raise
         totals = pipeline.statistics()
+        self.stop_detail = pipeline.stop_detail
         job = self.store.end_job(job.id, status, reason.value if reason else None, totals)
         progress.status = job.status
         self.log.write("job_end", job_id=job.id, mode=job.mode, group=group,

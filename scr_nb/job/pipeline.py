@@ -10,13 +10,19 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from scr_nb.constants import MAX_MESSAGE_BYTES
-from scr_nb.errors import SessionExpired, SessionRejected, SpineError
+from scr_nb.errors import AccessDenied, SessionExpired, SessionRejected, SpineError, TlsFailure
 from scr_nb.extract.eligibility import Decision
 from scr_nb.extract.records import Practice
 from scr_nb.job.options import JobOptions, Progress, describe_duration
 from scr_nb.job.watcher import Phase, Step, next_step, sending_allowed, starts_waiting
 from scr_nb.spine.acks import Ack
-from scr_nb.spine.client import Attempt, RateLimiter, SendHeld, Transmission
+from scr_nb.spine.client import (
+    POLL_LOCATION_REFUSED,
+    Attempt,
+    RateLimiter,
+    SendHeld,
+    Transmission,
+)
 from scr_nb.spine.content import Windows, select_content
 from scr_nb.spine.gp_summary import Author, OutboundMessage, build_message, new_id
 from scr_nb.store.practice_store import Job
@@ -27,8 +33,11 @@ if TYPE_CHECKING:
 
 # Failures after which the Spine may still hold the message: Failed re-sends these with their
 # original id (SPEC 8 names ack_timeout; a send whose transient failures never cleared is as
-# uncertain, since a timed-out POST may have been taken), and rebuilds every other failure.
-UNCERTAIN_FAILURES = frozenset({"ack_timeout", "retries_exhausted"})
+# uncertain, since a timed-out POST may have been taken, and so is a 202 whose poll location was
+# refused), and rebuilds every other failure.
+UNCERTAIN_FAILURES = frozenset({"ack_timeout", "retries_exhausted", POLL_LOCATION_REFUSED})
+# What stops a job without failing anyone: the Spine's 403, and a TLS failure (SPEC 6.3, 6.5).
+STOPPING_ERRORS = {AccessDenied: StopReason.ACCESS_DENIED, TlsFailure: StopReason.TLS_FAILURE}
 FLUSH_SECONDS = 0.25
 WATCH_SECONDS = 0.1       # how often the schedule and the session are checked against the clock
 
@@ -60,6 +69,7 @@ class Pipeline:
         self.started = self.clock.monotonic()
         self.stop_reason: StopReason | None = None
         self.stop_status: JobStatus | None = None
+        self.stop_detail: str | None = None      # the words of a 403 or a TLS failure
         self.trackers: set[asyncio.Task] = set()
         self.tracker_errors: list[BaseException] = []
         self.last_report = 0.0
@@ -215,7 +225,7 @@ class Pipeline:
         client = self.engine.client_factory(
             self.engine.spine_url, self.engine.session, asid=self.options.sender_asid,
             rate_limiter=limiter, concurrency=self.options.concurrency,
-            retry_window=self.options.retry_window, now=self.clock.now,
+            retry_window=self.options.retry_window, now=self.clock.now, tls=self.engine.tls,
             monotonic=self.clock.monotonic, sleep=self.clock.sleep,
             on_attempt=self.record_attempt, may_send=self.may_send)
         self.client = client
@@ -306,13 +316,21 @@ class Pipeline:
         return sending_allowed(self.clock.now(), self.options.schedule,
                                self.engine.session.expires_at, self.phase)
 
-    def stopped(self, status: JobStatus, reason: StopReason) -> None:
-        """Stop sending for a reason of the job's own (schedule, session); acks are still tracked."""
+    def stopped(self, status: JobStatus, reason: StopReason, detail: str | None = None) -> None:
+        """Stop sending for a reason of the job's own (schedule, session, the Spine's 403, TLS);
+        acks are still tracked."""
         if self.stop_reason is None:
-            self.stop_status, self.stop_reason = status, reason
+            self.stop_status, self.stop_reason, self.stop_detail = status, reason, detail
+            fields = {"detail": detail} if detail else {}
             self.engine.log.write("stop", job_id=self.job.id,
-                                  user_id=self.engine.session.user_id, reason=reason.value)
+                                  user_id=self.engine.session.user_id, reason=reason.value,
+                                  **fields)
         self.gate.set()   # let waiting senders see the stop
+
+    def stopped_by(self, err: AccessDenied | TlsFailure) -> None:
+        """A 403 or a TLS failure: nothing more is sent, and nobody is failed for it."""
+        reason = next(r for kind, r in STOPPING_ERRORS.items() if isinstance(err, kind))
+        self.stopped(JobStatus.STOPPED, reason, str(err))
 
     async def watch(self) -> None:
         """The schedule and the session, checked a few times a second against the clock; what to
@@ -441,6 +459,10 @@ class Pipeline:
                 self.store.unsend(message.message_id)
                 self.session_lost(err)
                 return None
+            except (AccessDenied, TlsFailure) as err:
+                self.store.unsend(message.message_id)   # queued again with its id
+                self.stopped_by(err)
+                return None
             except SpineError as err:
                 code = err.codes[0] if err.codes else (
                     "retries_exhausted" if err.retriable else "http_error")
@@ -471,6 +493,9 @@ class Pipeline:
             except (SessionExpired, SessionRejected) as err:
                 self.session_lost(err)
                 return   # stays transmitted: Resume polls it again after a new login
+            except (AccessDenied, TlsFailure) as err:
+                self.stopped_by(err)
+                return   # stays transmitted: Resume polls it again
             except SpineError as err:
                 self.failed(message_id, "http_error" if not err.codes else err.codes[0])
                 return

@@ -8,13 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scr_nb.constants import explain
-from scr_nb.errors import ExtractError, RefusedError
+from scr_nb.errors import ExtractError, OptionError, RefusedError
 from scr_nb.job.engine import Engine
 from scr_nb.job.options import JobControl, JobOptions, Progress
 from scr_nb.spine import session as sessions
+from scr_nb.spine.tls import TlsSettings, check_url
 from scr_nb.store.practice_store import Store
+from scr_nb.store.states import StopReason
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 3, 4
+# Stops that are not about the patients: when the job had transmitted nothing yet, they are a
+# refusal at the start (exit 3), not a stop part-way (exit 4).
+REFUSING_STOPS = frozenset({StopReason.ACCESS_DENIED.value, StopReason.TLS_FAILURE.value})
 
 
 @dataclass(frozen=True)
@@ -42,9 +47,17 @@ def next_modes(use_mode: str | None) -> str:
 def run_upload(practice: str | Path, store_path: str | Path, spine: str,
                session_path: str | Path, options: JobOptions, *,
                on_progress: Callable[[Progress], None] | None = None,
-               control: JobControl | None = None) -> Outcome:
-    """Run one job; refusals and stops come back as an Outcome, never as an exception."""
+               control: JobControl | None = None, tls: TlsSettings | None = None) -> Outcome:
+    """Run one job; refusals and stops come back as an Outcome, never as an exception. ``tls``
+    defaults to the environment's settings (SCR_NB_CA_BUNDLE, SCR_NB_CLIENT_CERT,
+    SCR_NB_CLIENT_KEY); a setting or Spine URL that cannot be used is exit 2, before anything."""
     mode = options.mode.value
+    tls = tls if tls is not None else TlsSettings.from_options()
+    try:
+        check_url(spine)
+        tls.check()
+    except OptionError as err:
+        return Outcome(EXIT_USAGE, f"upload {mode}: {err}")
     try:
         session = sessions.load(session_path)
     except RefusedError as err:
@@ -52,7 +65,7 @@ def run_upload(practice: str | Path, store_path: str | Path, spine: str,
     store = Store(store_path)
     try:
         engine = Engine(store, session, spine, practice, on_progress=on_progress,
-                        control=control)
+                        control=control, tls=tls)
         result = engine.run(options)
     except (RefusedError, ExtractError) as err:
         return Outcome(EXIT_REFUSED, f"upload {mode} refused: {err}"
@@ -63,9 +76,15 @@ def run_upload(practice: str | Path, store_path: str | Path, spine: str,
     if result.completed:
         return Outcome(EXIT_OK, f"upload {mode} completed: every patient in scope is "
                                 "acknowledged or failed.", job, result.statistics)
-    return Outcome(EXIT_STOPPED, f"upload {mode} {result.job.status} ({result.job.reason}); "
-                                 "continue it with Resume (scr-nb upload resume ...)", job,
-                   result.statistics)
+    because = f": {engine.stop_detail}" if engine.stop_detail else ""
+    if result.job.reason in REFUSING_STOPS and not result.progress.transmitted:
+        return Outcome(EXIT_REFUSED, f"upload {mode} refused{because}. This job transmitted "
+                                     "nothing and no patient was failed; once that is put "
+                                     "right, continue with Resume (scr-nb upload resume ...)", job,
+                       result.statistics)
+    return Outcome(EXIT_STOPPED, f"upload {mode} {result.job.status} ({result.job.reason})"
+                                 f"{because}; continue it with Resume (scr-nb upload resume ...)",
+                   job, result.statistics)
 
 
 def format_statistics(stats: dict) -> str:

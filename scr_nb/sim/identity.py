@@ -1,15 +1,15 @@
-"""The demo identity provider: a users file, and the signed session tokens it issues (SPEC 7, 10).
+"""The demo identity provider: a users file, and the session tokens it issues (SPEC 7, 10).
 
-A token is ``base64url(JSON claims) "." base64url(HMAC-SHA256(secret, first part))``, with the claims
-``user_id``, ``name``, ``role_profile_id``, ``activities`` and ``exp`` (epoch seconds). The Spine side
-verifies every token it is given: a token is never trusted for what it says about itself.
+Tokens are standard JSON Web Tokens, as NHS Care Identity Service 2 issues them, made and checked
+with PyJWT: HS256 with the simulator's secret, the claims ``iss``, ``sub`` (the SDS user id),
+``aud``, ``iat`` and ``exp``, and the user's ``name``, ``role_profile_id`` and ``activities``. The
+Spine side verifies every token it is given (signature, issuer, audience, expiry) and authorises
+from its claims alone: a token is never trusted for what it says about itself, and nothing else
+the client sends (a header, a session file) adds to what it may do.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import hmac
 import json
 import math
@@ -17,14 +17,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import jwt
+
 from scr_nb import constants
 from scr_nb.errors import ScrNbError, SessionError
+from scr_nb.spine.session import is_sds_id
 
 USER_FIELDS = ("user_id", "passcode", "name", "role_profile_id", "activities")
+ISSUER = "scr-nb-spine-sim/identity"      # iss of every token the simulator issues
+AUDIENCE = "scr-nb-spine-sim/clinical"    # aud: the simulated Spine's clinical service
+ALGORITHM = "HS256"
+REQUIRED_CLAIMS = ("iss", "sub", "aud", "iat", "exp")
 
 
 class InvalidToken(SessionError):
-    """A session token the Spine side will not accept. ``reason`` is missing, garbled, forged or expired."""
+    """A session token the Spine side will not accept. ``reason`` is missing, garbled, forged,
+    wrong_issuer, wrong_audience, incomplete or expired."""
 
     def __init__(self, reason: str, message: str):
         self.reason = reason
@@ -35,43 +43,56 @@ class UsersFileError(ScrNbError):
     """The identity provider's users file (or list) cannot be used; the message names the entry."""
 
 
-def issue_token(user: dict, secret: bytes, now: float, hours: float) -> tuple[str, str]:
+def issue_token(user: dict, secret: bytes, now: float, hours: float, *, issuer: str = ISSUER,
+                audience: str = AUDIENCE) -> tuple[str, str]:
     """Sign a session for ``user`` valid ``hours`` from ``now``; returns (token, expires_at ISO 8601)."""
     exp = int(math.floor(now + hours * 3600.0))
     claims = {
-        "user_id": user["user_id"],
+        "iss": issuer,
+        "sub": user["user_id"],
+        "aud": audience,
+        "iat": int(math.floor(now)),
+        "exp": exp,
         "name": user["name"],
         "role_profile_id": user["role_profile_id"],
         "activities": list(user["activities"]),
-        "exp": exp,
     }
-    payload = _b64encode(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode("utf-8"))
-    signature = _b64encode(_sign(payload, secret))
-    return f"{payload}.{signature}", iso_utc(exp)
+    return jwt.encode(claims, secret, algorithm=ALGORITHM), iso_utc(exp)
 
 
-def verify_token(token: str | None, secret: bytes, now: float) -> dict[str, Any]:
-    """The claims of a token signed with ``secret`` and not expired at ``now``; else InvalidToken."""
+def verify_token(token: str | None, secret: bytes, now: float, *, issuer: str = ISSUER,
+                 audience: str = AUDIENCE) -> dict[str, Any]:
+    """The claims of a token signed with ``secret`` for ``issuer`` and ``audience`` and not
+    expired at ``now``; else InvalidToken saying why.
+
+    PyJWT checks the algorithm, the signature, ``iss``, ``aud`` and that every required claim is
+    there. The expiry is checked here, with no leeway, against ``now``, the simulator's clock,
+    because PyJWT only reads the system clock and the simulator's time is injected (tests move it)."""
     if not token:
         raise InvalidToken("missing", "no session token was given")
-    if not isinstance(token, str) or not token.isascii():
-        raise InvalidToken("garbled", "the session token is not plain ASCII text")
-    payload, dot, signature = token.partition(".")
-    if not dot or not payload or not signature or "." in signature:
-        raise InvalidToken("garbled", "the session token is not in the form <claims>.<signature>")
     try:
-        given = _b64decode(signature)
-    except ValueError:
-        raise InvalidToken("garbled", "the session token's signature is not base64url") from None
-    if not hmac.compare_digest(given, _sign(payload, secret)):
+        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], issuer=issuer,
+                            audience=audience,
+                            options={"require": list(REQUIRED_CLAIMS), "verify_exp": False,
+                                     "verify_iat": False, "verify_nbf": False})
+    except jwt.InvalidSignatureError:
         raise InvalidToken("forged", "the session token's signature does not verify "
-                                     "(forged, altered, or issued by another identity provider)")
-    try:
-        claims = json.loads(_b64decode(payload))
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidToken("garbled", "the session token's claims are not readable JSON") from None
-    if not isinstance(claims, dict) or not _claims_look_right(claims):
-        raise InvalidToken("garbled", "the session token's claims are incomplete")
+                                     "(forged, altered, or issued by another identity provider)") from None
+    except jwt.InvalidAlgorithmError:
+        raise InvalidToken("forged", f"the session token is not signed with {ALGORITHM}") from None
+    except jwt.InvalidIssuerError:
+        raise InvalidToken("wrong_issuer", "the session token was issued by another identity "
+                                           "provider") from None
+    except jwt.InvalidAudienceError:
+        raise InvalidToken("wrong_audience", "the session token is not meant for this "
+                                             "service (audience)") from None
+    except jwt.MissingRequiredClaimError as err:
+        raise InvalidToken("incomplete", f"the session token has no '{err.claim}' claim") from None
+    except jwt.InvalidTokenError as err:
+        raise InvalidToken("garbled", f"the session token is not a readable JSON Web Token "
+                                      f"({err})") from None
+    if not _claims_look_right(claims):
+        raise InvalidToken("incomplete", "the session token's claims are incomplete")
     if now >= claims["exp"]:
         raise InvalidToken("expired", f"the session expired at {iso_utc(claims['exp'])}")
     return claims
@@ -105,6 +126,10 @@ def check_users(entries: Any, source: str = "users") -> list[dict]:
             value = entry.get(name)
             if not isinstance(value, str) or not value.strip():
                 raise UsersFileError(f"{where}: '{name}' must be a non-empty string")
+        for name in ("user_id", "role_profile_id"):
+            if not is_sds_id(entry[name]):
+                raise UsersFileError(f"{where}: '{name}' {entry[name]!r} is not a 12-digit SDS id "
+                                     "(e.g. 555000000001)")
         activities = entry.get("activities")
         if not isinstance(activities, list) or not all(isinstance(a, str) for a in activities):
             raise UsersFileError(f"{where}: 'activities' must be a list of RBAC activity codes "
@@ -140,24 +165,9 @@ def iso_utc(epoch_seconds: float) -> str:
 
 def _claims_look_right(claims: dict) -> bool:
     exp = claims.get("exp")
-    return (isinstance(claims.get("user_id"), str)
+    activities = claims.get("activities")
+    return (isinstance(claims.get("sub"), str)
             and isinstance(claims.get("name"), str)
             and isinstance(claims.get("role_profile_id"), str)
-            and isinstance(claims.get("activities"), list)
+            and isinstance(activities, list) and all(isinstance(a, str) for a in activities)
             and isinstance(exp, (int, float)) and not isinstance(exp, bool))
-
-
-def _sign(payload: str, secret: bytes) -> bytes:
-    return hmac.new(secret, payload.encode("ascii"), hashlib.sha256).digest()
-
-
-def _b64encode(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def _b64decode(text: str) -> bytes:
-    try:
-        raw = text.encode("ascii")
-        return base64.urlsafe_b64decode(raw + b"=" * (-len(raw) % 4))
-    except (UnicodeEncodeError, binascii.Error) as exc:
-        raise ValueError(str(exc)) from None

@@ -5,6 +5,13 @@ location until the MCCI_IN010000UK13 ack), validates every GP Summary and answer
 keeps the summaries it accepted, and injects faults on switches (latency, ack delay, rate limit,
 transient SOAP faults, gateway errors, dropped acks, an outage, seeded rejections, unknown patients).
 
+It serves HTTPS when given a certificate and key (``ServerTls``), and mutual TLS when given a client
+CA as well: a client without a certificate from that CA gets no answer at all. It authorises from
+the verified session token alone (``identity``): a token without B0062, or a role profile header
+that is not the token's, gets 403 on every clinical request. ``GET /`` answers anyone who got
+through TLS, so a client can check its connection without sending a clinical message; the
+``_admin`` endpoints answer loopback clients only.
+
 Fault decisions are seeded by the message id, so a message re-sent with the same id meets the same
 fate, except transient faults and gateway errors, which are drawn per attempt so a retry can succeed.
 Every time is read from ``SimConfig.clock``, so tests move time instead of sleeping (only the injected
@@ -21,23 +28,25 @@ import math
 import random
 import secrets
 import signal
+import ssl
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 from xml.sax.saxutils import escape
 
 from aiohttp import web
 from lxml import etree
 
 from scr_nb import constants
-from scr_nb.errors import ScrNbError
+from scr_nb.errors import OptionError, ScrNbError
 from scr_nb.extract.nhs_number import is_valid
 from scr_nb.sim import identity
 from scr_nb.spine import mime
+from scr_nb.spine.tls import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +102,7 @@ class SimConfig:
     reject_rates: dict[str, float] = field(default_factory=dict)   # code -> fraction rejected
     unknown_nhs_numbers: set[str] = field(default_factory=set)     # AE 30312 case not found
     token_secret: bytes | None = None   # random when not given
+    poll_location_base: str | None = None   # give poll locations as absolute URLs under this base
     clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
@@ -117,6 +127,35 @@ class SimConfig:
 def _check_fraction(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a fraction between 0 and 1, got {value}")
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """HTTPS for the simulator: its certificate and key, and with ``client_ca`` mutual TLS (every
+    client must present a certificate issued by that CA). Paths to PEM files."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """The server-side SSL context (TLS 1.2 or newer); OptionError naming a file that cannot
+        be used."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError, ValueError) as err:
+            raise OptionError(f"the simulator's certificate {self.cert} and key {self.key} cannot "
+                              f"be used ({getattr(err, 'strerror', None) or err})") from None
+        if self.client_ca:
+            try:
+                context.load_verify_locations(cafile=self.client_ca)
+            except (OSError, ssl.SSLError, ValueError) as err:
+                raise OptionError(f"the client CA {self.client_ca} cannot be used "
+                                  f"({getattr(err, 'strerror', None) or err})") from None
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
 
 # --- what the simulator keeps -------------------------------------------------------------------
@@ -172,7 +211,7 @@ class SpineSimulator:
         self._attempts: dict[str, int] = {}
         self._verified: dict[str, dict] = {}        # token -> claims whose signature checked out
         self._counts = {"requests": 0, "accepted": 0, "duplicates": 0, "replacements": 0,
-                        "polls": 0, "unauthorized": 0, "acks_dropped": 0}
+                        "polls": 0, "unauthorized": 0, "forbidden": 0, "acks_dropped": 0}
         self._rejected: dict[str, int] = {}
         self._faults: dict[str, int] = {}
         self._latency_rng = random.Random(f"{self.config.seed}:latency")
@@ -184,6 +223,7 @@ class SpineSimulator:
         self.url: str | None = None
         self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._guard])
         self.app.add_routes([
+            web.get("/", self._root),
             web.post("/identity/session", self._session),
             web.post("/clinical", self._clinical),
             web.get("/poll/{message_id:.+}", self._poll),
@@ -191,15 +231,19 @@ class SpineSimulator:
             web.get("/_admin/summaries", self._admin_summaries),
         ])
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve on ``host:port`` (0 picks a free port); returns the base URL."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0,
+                    tls: ServerTls | None = None) -> str:
+        """Serve on ``host:port`` (0 picks a free port), over HTTPS with ``tls``; returns the base
+        URL. What the simulator holds outlives a stop and a new start."""
+        context = tls.context() if tls is not None else None
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
+        await web.TCPSite(self._runner, host, port, ssl_context=context).start()
         bound_host, bound_port = self._runner.addresses[0][:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        self._started_at = self._bucket_at = self._clock()
-        self.url = f"http://{shown}:{bound_port}"
+        if self.url is None:
+            self._started_at = self._bucket_at = self._clock()
+        self.url = f"{'https' if tls else 'http'}://{shown}:{bound_port}"
         return self.url
 
     async def stop(self) -> None:
@@ -236,6 +280,12 @@ class SpineSimulator:
             return soap_fault(500, PERMANENT_FAULT_CODE,
                               f"The simulator could not handle the request ({type(exc).__name__})")
 
+    async def _root(self, request: web.Request) -> web.Response:
+        """Who is here, for a client checking its connection (TLS included) without a clinical
+        message; needs no token."""
+        return web.json_response({"service": "scr-nb Spine simulator",
+                                  "clinical": "/clinical", "identity": "/identity/session"})
+
     async def _session(self, request: web.Request) -> web.Response:
         try:
             body = json.loads(await request.read())
@@ -257,14 +307,9 @@ class SpineSimulator:
         delay = self._latency_s()
         if delay > 0:
             await asyncio.sleep(delay)
-        claims = self._claims(request)
-        if isinstance(claims, web.Response):
-            return claims
-        urid = request.headers.get("NHSD-Session-URID", "")
-        if urid != claims["role_profile_id"]:
-            self._count("unauthorized")
-            return _json_error(401, "NHSD-Session-URID does not match the session's role profile "
-                                    f"(expected {claims['role_profile_id']!r}, got {urid!r})")
+        refused = self._authorise(request)
+        if refused is not None:
+            return refused
         action = request.headers.get("SOAPAction", "").strip().strip('"')
         if action != constants.SOAP_ACTION:
             return soap_fault(400, PERMANENT_FAULT_CODE,
@@ -294,9 +339,9 @@ class SpineSimulator:
 
     async def _poll(self, request: web.Request) -> web.Response:
         self._count("polls")
-        claims = self._claims(request)
-        if isinstance(claims, web.Response):
-            return claims
+        refused = self._authorise(request)
+        if refused is not None:
+            return refused
         if self._in_outage():
             return web.Response(status=503)
         message = self._messages.get(request.match_info["message_id"])
@@ -309,12 +354,32 @@ class SpineSimulator:
         return web.Response(status=200, body=body, headers={"Content-Type": content_type})
 
     async def _admin_stats(self, request: web.Request) -> web.Response:
-        return web.json_response(self.stats())
+        return _loopback_only(request) or web.json_response(self.stats())
 
     async def _admin_summaries(self, request: web.Request) -> web.Response:
-        return web.json_response(self.summaries())
+        return _loopback_only(request) or web.json_response(self.summaries())
 
     # --- checks and decisions ------------------------------------------------------------------
+
+    def _authorise(self, request: web.Request) -> web.Response | None:
+        """None when the verified token may make clinical requests; else the 401 (no valid
+        token) or 403 (no B0062 in the token, or a role profile header that is not the token's)."""
+        claims = self._claims(request)
+        if isinstance(claims, web.Response):
+            return claims
+        if constants.B0062 not in claims["activities"]:
+            self._count("forbidden")
+            return _json_error(403, f"the session's role profile {claims['role_profile_id']} does "
+                                    f"not carry RBAC activity {constants.B0062} "
+                                    f"({constants.B0062_TEXT}): it may not upload",
+                               reason="no_b0062")
+        urid = request.headers.get("NHSD-Session-URID", "")
+        if urid != claims["role_profile_id"]:
+            self._count("forbidden")
+            return _json_error(403, "NHSD-Session-URID does not match the session's role profile "
+                                    f"(expected {claims['role_profile_id']!r}, got {urid!r})",
+                               reason="role_profile_mismatch")
+        return None
 
     def _claims(self, request: web.Request) -> dict | web.Response:
         """The verified session claims, or the 401 answer saying why there are none."""
@@ -481,8 +546,9 @@ class SpineSimulator:
     # --- small helpers ---------------------------------------------------------------------------
 
     def _accepted(self, message_id: str) -> web.Response:
+        base = (self.config.poll_location_base or "").rstrip("/")
         return web.Response(status=202, headers={
-            "Content-Location": "/poll/" + quote(message_id, safe=""),
+            "Content-Location": base + "/poll/" + quote(message_id, safe=""),
             "Retry-After": str(self.config.poll_retry_after_ms)})
 
     def _in_outage(self) -> bool:
@@ -576,6 +642,14 @@ def _json_error(status: int, message: str, **extra: str) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
+def _loopback_only(request: web.Request) -> web.Response | None:
+    """403 for a client that is not on this machine: the inspection endpoints are for tests,
+    reports and support on the simulator's own host."""
+    if request.remote and is_loopback(request.remote):
+        return None
+    return _json_error(403, "the _admin endpoints answer loopback clients only")
+
+
 # --- message templates --------------------------------------------------------------------------
 
 _ACK_HEADER = (
@@ -658,9 +732,10 @@ class SimulatorThread:
             httpx.post(sim.url + "/identity/session", json={...})
     """
 
-    def __init__(self, config: SimConfig | None = None, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, config: SimConfig | None = None, host: str = "127.0.0.1", port: int = 0,
+                 tls: ServerTls | None = None):
         self.simulator = SpineSimulator(config)
-        self.host, self.port = host, port
+        self.host, self.port, self.tls = host, port, tls
         self.url: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -674,7 +749,8 @@ class SimulatorThread:
                                         daemon=True)
         self._thread.start()
         ready.wait()
-        future = asyncio.run_coroutine_threadsafe(self.simulator.start(self.host, self.port), self._loop)
+        future = asyncio.run_coroutine_threadsafe(
+            self.simulator.start(self.host, self.port, self.tls), self._loop)
         try:
             self.url = future.result(timeout=30)
         except BaseException:
@@ -689,6 +765,18 @@ class SimulatorThread:
             asyncio.run_coroutine_threadsafe(self.simulator.stop(), self._loop).result(timeout=30)
         finally:
             self._shutdown_loop()
+
+    def restart(self, tls: ServerTls | None) -> str:
+        """Serve again on the same port with other TLS settings (say, another client CA); the
+        simulator keeps what it holds. Open connections are closed."""
+        self.port, self.tls = urlsplit(self.url).port, tls
+
+        async def again() -> str:
+            await self.simulator.stop()
+            return await self.simulator.start(self.host, self.port, tls)
+
+        self.url = asyncio.run_coroutine_threadsafe(again(), self._loop).result(timeout=30)
+        return self.url
 
     def _run(self, ready: threading.Event) -> None:
         asyncio.set_event_loop(self._loop)
@@ -709,14 +797,15 @@ class SimulatorThread:
         self.stop()
 
 
-def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Run the simulator until SIGINT or SIGTERM (``scr-nb spine-sim``)."""
-    asyncio.run(_serve(config, host, port))
+def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 8080,
+          tls: ServerTls | None = None) -> None:
+    """Run the simulator until SIGINT or SIGTERM (``scr-nb spine-sim``), over HTTPS with ``tls``."""
+    asyncio.run(_serve(config, host, port, tls))
 
 
-async def _serve(config: SimConfig, host: str, port: int) -> None:
+async def _serve(config: SimConfig, host: str, port: int, tls: ServerTls | None) -> None:
     simulator = SpineSimulator(config)
-    url = await simulator.start(host, port)
+    url = await simulator.start(host, port, tls)
     print(f"Spine simulator listening on {url}", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

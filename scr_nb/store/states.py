@@ -94,6 +94,8 @@ class StopReason(str, Enum):
     SESSION_EXPIRED = "session_expired"
     USER_STOP = "user_stop"
     USER_CANCEL = "user_cancel"
+    ACCESS_DENIED = "access_denied"    # the Spine answered 403
+    TLS_FAILURE = "tls_failure"        # the TLS connection failed mid-run
 
 
 # Not-required reasons in the order SPEC 4 gives: a patient gets the first that applies.

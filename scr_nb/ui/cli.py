@@ -1,7 +1,8 @@
 """The ``scr-nb`` command line (SPEC 10). Option names and exit codes are a stable interface.
 
 Exit codes of ``upload``: 0 completed, 3 refused before sending anything, 4 stopped and resumable,
-1 unexpected error, 2 bad usage.
+1 unexpected error, 2 bad usage (a bad option value: an unreadable certificate, plain http:// to
+another machine, ...), always before anything happens.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import threading
 from datetime import date
 from pathlib import Path
 
-from scr_nb.errors import ExtractError, RefusedError, ScrNbError
+from scr_nb.errors import ExtractError, OptionError, RefusedError, ScrNbError
 from scr_nb.job.options import JobControl, JobOptions, Progress
 from scr_nb.job.runner import (
     EXIT_ERROR,
@@ -29,11 +30,39 @@ from scr_nb.job.runner import (
 )
 from scr_nb.job.schedule import Schedule, parse_local
 from scr_nb.spine import session as sessions
+from scr_nb.spine.tls import ENVIRONMENT, TlsSettings, check_url
 from scr_nb.store.states import Mode
 
 
 def _print_json(data: object) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+# --- options shared by every command that talks to the Spine or its identity provider -----------
+
+def add_tls_options(parser: argparse.ArgumentParser) -> None:
+    """--ca-bundle, --client-cert and --client-key (SPEC 10), each defaulting to its environment
+    variable; ``tls_settings`` turns them into the one TlsSettings the command hands on."""
+    group = parser.add_argument_group(
+        "TLS", "mutual TLS to the Spine and the identity provider (each option defaults to the "
+               "environment variable named)")
+    group.add_argument("--ca-bundle", metavar="FILE",
+                       help="PEM CA certificates that sign the Spine's certificate (default: this "
+                            f"machine's; {ENVIRONMENT['ca_bundle']})")
+    group.add_argument("--client-cert", metavar="FILE",
+                       help="this system's endpoint certificate, PEM "
+                            f"({ENVIRONMENT['client_cert']})")
+    group.add_argument("--client-key", metavar="FILE",
+                       help=f"the client certificate's private key, PEM "
+                            f"({ENVIRONMENT['client_key']})")
+
+
+def tls_settings(args: argparse.Namespace) -> TlsSettings:
+    """The TlsSettings of parsed ``add_tls_options`` options (the environment for those not
+    given), checked: OptionError when a file cannot be read or a certificate has no key."""
+    tls = TlsSettings.from_options(args.ca_bundle, args.client_cert, args.client_key)
+    tls.check()
+    return tls
 
 
 # --- synth ------------------------------------------------------------------------------------------
@@ -58,12 +87,14 @@ def cmd_spine_sim(args: argparse.Namespace) -> int:
     """Run the Spine simulator and its identity provider until interrupted.
 
     Example: scr-nb spine-sim --host 127.0.0.1 --port 8900 --users users.json --ack-delay-ms 50
+    Over mutual TLS: scr-nb spine-sim --users users.json --tls-cert server.pem --tls-key server.key \\
+                         --client-ca client-ca.pem
     """
     from scr_nb.sim.identity import load_users
     from scr_nb.sim.spine_sim import config_from_args, serve
 
     config = config_from_args(args, load_users(args.users))
-    serve(config, args.host, args.port)
+    serve(config, args.host, args.port, args.server_tls)
     return EXIT_OK
 
 
@@ -72,7 +103,9 @@ def cmd_spine_sim(args: argparse.Namespace) -> int:
 def cmd_login(args: argparse.Namespace) -> int:
     """Get a Smartcard session from the identity provider and save it (mode 0600).
 
-    Example: SCR_NB_PASSCODE=... scr-nb login --identity http://127.0.0.1:8900 --user u1 --session s.json
+    Example: SCR_NB_PASSCODE=... scr-nb login --identity http://127.0.0.1:8900 \\
+                 --user 555000000001 --session s.json
+    Over mutual TLS: add --ca-bundle nhs-ca.pem --client-cert endpoint.pem --client-key endpoint.key
     """
     passcode = os.environ.get("SCR_NB_PASSCODE")
     if passcode is None:
@@ -82,7 +115,7 @@ def cmd_login(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         passcode = getpass.getpass(f"Passcode for {args.user}: ")
     try:
-        session = sessions.login(args.identity, args.user, passcode)
+        session = sessions.login(args.identity, args.user, passcode, tls=args.tls)
     except ScrNbError as err:
         print(f"scr-nb login: {err}", file=sys.stderr)
         return EXIT_REFUSED
@@ -197,7 +230,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, on_signal)
     try:
         outcome = run_upload(args.practice, args.store, args.spine, args.session, options,
-                             on_progress=bar, control=control)
+                             on_progress=bar, control=control, tls=args.tls)
     finally:
         bar.close()
     if outcome.statistics is not None:
@@ -220,7 +253,9 @@ def cmd_scheduled(args: argparse.Namespace) -> int:
     """
     from scr_nb.ui.scheduled import run_scheduled
 
-    absolute = lambda path: str(Path(path).resolve())  # noqa: E731 - the kernel's cwd may differ
+    def absolute(path: str | None) -> str | None:   # the kernel's working directory may differ
+        return str(Path(path).resolve()) if path else None
+
     parameters = {
         "practice": absolute(args.practice), "store": absolute(args.store), "spine": args.spine,
         "session": absolute(args.session), "mode": args.mode, "group": args.group,
@@ -228,6 +263,8 @@ def cmd_scheduled(args: argparse.Namespace) -> int:
         "resume_at": args.resume_at, "rate_limit": args.rate_limit,
         "concurrency": args.concurrency, "ack_timeout": args.ack_timeout,
         "dissent": args.dissent, "skip_acknowledged": args.skip_acknowledged,
+        "ca_bundle": absolute(args.tls.ca_bundle), "client_cert": absolute(args.tls.client_cert),
+        "client_key": absolute(args.tls.client_key),
     }
     code, folder = run_scheduled(parameters, args.report_dir)
     outcome = folder / "outcome.json"
@@ -319,12 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8900)
     p.add_argument("--users", required=True, help="JSON list of users for the identity provider")
+    tls = p.add_argument_group("TLS", "serve HTTPS, and mutual TLS with --client-ca")
+    tls.add_argument("--tls-cert", metavar="FILE", help="the simulator's certificate, PEM")
+    tls.add_argument("--tls-key", metavar="FILE", help="its private key, PEM")
+    tls.add_argument("--client-ca", metavar="FILE",
+                     help="require a client certificate issued by this CA (PEM)")
     add_sim_arguments(p)
 
     p = command("login", cmd_login, "get a Smartcard session")
     p.add_argument("--identity", required=True, help="identity provider base URL")
-    p.add_argument("--user", required=True)
+    p.add_argument("--user", required=True, help="the Smartcard's SDS user id (12 digits)")
     p.add_argument("--session", required=True, help="session file to write")
+    add_tls_options(p)
 
     dissent = dict(choices=("exclude", "blank"), default="exclude",
                    help="patients who dissent: leave out (default) or send a blank summary")
@@ -355,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spine", required=True, help="Spine base URL")
     p.add_argument("--session", required=True, help="session file from scr-nb login")
     add_job_options(p)
+    add_tls_options(p)
     p.add_argument("--asid", default="200000000001", help="the practice system's ASID")
     p.add_argument("--ods", default="A12345", help="the practice's ODS code")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
@@ -368,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", required=True, choices=[m.value for m in Mode])
     p.add_argument("--report-dir", default="reports", help="where reports go (default reports/)")
     add_job_options(p)
+    add_tls_options(p)
 
     p = command("report", cmd_report, "an HTML report of a store")
     p.add_argument("--store", required=True)
@@ -385,9 +430,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_connection_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """TLS settings and service URLs, checked before anything happens (exit 2 when unusable)."""
+    try:
+        if hasattr(args, "ca_bundle"):
+            args.tls = tls_settings(args)
+        for option in ("spine", "identity"):
+            if getattr(args, option, None) is not None:
+                check_url(getattr(args, option), f"--{option}")
+        if args.command == "spine-sim":
+            args.server_tls = _server_tls(args)
+    except OptionError as err:
+        parser.error(str(err))
+
+
+def _server_tls(args: argparse.Namespace):
+    if not (args.tls_cert or args.tls_key or args.client_ca):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise OptionError("--tls-cert and --tls-key go together (and --client-ca needs both)")
+    from scr_nb.sim.spine_sim import ServerTls
+
+    server_tls = ServerTls(args.tls_cert, args.tls_key, args.client_ca)
+    server_tls.context()   # every file readable and usable, before serving
+    return server_tls
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_connection_options(parser, args)
     if args.command in ("upload", "scheduled"):
         if args.concurrency < 1:
             parser.error("--concurrency must be at least 1")
@@ -404,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(err))
     try:
         return args.func(args)
+    except OptionError as err:
+        print(f"scr-nb {args.command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except ScrNbError as err:
         print(f"scr-nb {args.command}: {err}", file=sys.stderr)
         return EXIT_REFUSED if isinstance(err, (RefusedError, ExtractError)) else EXIT_ERROR

@@ -22,6 +22,7 @@ from scr_nb.job.options import JobControl, JobOptions, Progress
 from scr_nb.job.runner import Outcome, format_statistics, run_upload
 from scr_nb.job.schedule import Schedule
 from scr_nb.spine import session as sessions
+from scr_nb.spine.tls import TlsSettings
 from scr_nb.store.practice_store import Store
 from scr_nb.store.schema import DatabaseError
 from scr_nb.store.states import Mode
@@ -36,9 +37,16 @@ def _aware(moment: datetime | None) -> datetime | None:
 
 
 class ControlPanel:
-    def __init__(self, practice: str, store: str, spine: str, session: str = ""):
+    """The panel for one practice. ``ca_bundle``, ``client_cert`` and ``client_key`` are the TLS
+    settings for the Spine and its identity provider; those not given come from SCR_NB_CA_BUNDLE,
+    SCR_NB_CLIENT_CERT and SCR_NB_CLIENT_KEY."""
+
+    def __init__(self, practice: str, store: str, spine: str, session: str = "",
+                 ca_bundle: str | None = None, client_cert: str | None = None,
+                 client_key: str | None = None):
         self.practice, self.store_path, self.spine = practice, store, spine
         self.session_path = session
+        self.tls = TlsSettings.from_options(ca_bundle, client_cert, client_key)
         self.mode: Mode | None = None
         self.control: JobControl | None = None
         self.thread: threading.Thread | None = None
@@ -172,7 +180,8 @@ class ControlPanel:
     def login(self) -> None:
         identity = self.spine
         try:
-            session = sessions.login(identity, self.user.value, self.passcode.value)
+            session = sessions.login(identity, self.user.value, self.passcode.value,
+                                     tls=self.tls)
         except ScrNbError as err:
             self.session_line.value = f"<b>Login refused:</b> {html.escape(str(err))}"
             return
@@ -214,7 +223,8 @@ class ControlPanel:
     def _run(self, options: JobOptions) -> None:
         try:
             outcome = run_upload(self.practice, self.store_path, self.spine, self.session_path,
-                                 options, on_progress=self.show, control=self.control)
+                                 options, on_progress=self.show, control=self.control,
+                                 tls=self.tls)
         except Exception as err:  # shown in the panel: the thread must not print
             outcome = Outcome(1, f"upload failed: {type(err).__name__}: {err}")
         self.outcome = outcome

@@ -17,6 +17,7 @@ from pathlib import Path
 from scr_nb.job.options import JobControl, JobOptions
 from scr_nb.job.runner import EXIT_ERROR, Outcome, run_upload
 from scr_nb.job.schedule import Schedule, parse_local
+from scr_nb.spine.tls import TlsSettings
 from scr_nb.store.states import Mode
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "scheduled_upload.ipynb"
@@ -31,9 +32,11 @@ def run_from_parameters(*, practice: str, store: str, spine: str, session: str, 
                         resume_at: str | None = None, rate_limit: float | None = None,
                         concurrency: int = 8, ack_timeout: float = 600.0,
                         dissent: str = "exclude", skip_acknowledged: bool = False,
-                        outcome_path: str | None = None,
+                        ca_bundle: str | None = None, client_cert: str | None = None,
+                        client_key: str | None = None, outcome_path: str | None = None,
                         control_dir: str | None = None) -> Outcome:
     """The scheduled notebook's upload cell: never raises, so the report is always written.
+    The TLS settings not given come from SCR_NB_CA_BUNDLE, SCR_NB_CLIENT_CERT, SCR_NB_CLIENT_KEY.
     With ``control_dir``, a file named ``stop-requested`` there is Stop and Close and one named
     ``cancel-requested`` is Cancel: how ``scr-nb scheduled`` passes on Ctrl-C and SIGTERM."""
     control = JobControl()
@@ -50,7 +53,8 @@ def run_from_parameters(*, practice: str, store: str, spine: str, session: str, 
                              ack_timeout=float(ack_timeout), dissent=dissent,
                              skip_acknowledged=bool(skip_acknowledged),
                              schedule=Schedule(**times))
-        outcome = run_upload(practice, store, spine, session, options, control=control)
+        tls = TlsSettings.from_options(ca_bundle, client_cert, client_key)
+        outcome = run_upload(practice, store, spine, session, options, control=control, tls=tls)
     except Exception as err:  # reported, not raised: the report must say why
         outcome = Outcome(EXIT_ERROR, f"upload {mode} failed: {type(err).__name__}: {err}")
     finally:
