@@ -195,3 +195,11 @@ def test_every_command_that_talks_to_the_spine_takes_the_tls_options():
         assert "--client-cert" not in options, name
     sim = {o for action in commands["spine-sim"]._actions for o in action.option_strings}
     assert {"--tls-cert", "--tls-key", "--client-ca"} <= sim
+
+
+def test_upload_gives_the_callers_signal_handlers_back(practice, tmp_path, spine, logged_in):
+    """Ctrl-C is Stop and Close only while the job runs: afterwards (a test run, a notebook)
+    the caller's own handlers are back."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert cli.main(upload_args("run", practice, tmp_path, spine, logged_in)) == 0
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -225,14 +225,17 @@ def cmd_upload(args: argparse.Namespace) -> int:
         else:
             control.cancel()
 
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        previous = {signum: signal.signal(signum, on_signal)
+                    for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         outcome = run_upload(args.practice, args.store, args.spine, args.session, options,
                              on_progress=bar, control=control, tls=args.tls)
     finally:
         bar.close()
+        for signum, handler in previous.items():   # the caller's handlers back (tests, notebooks)
+            signal.signal(signum, handler)
     if outcome.statistics is not None:
         if args.json:
             _print_json({"job": outcome.job, "statistics": outcome.statistics})
