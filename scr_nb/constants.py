@@ -188,7 +188,24 @@ SPINE_ERRORS: dict[str, tuple[str, str, str]] = {
                           "transport", _FAILED_SAME_ID + " Wait until the Spine is back."),
     "http_error": ("The Spine answered with an unexpected HTTP status", "transport",
                    _FAILED_SAME_ID),
+    # After the Spine's 202 it holds the message: every failure from then on is uncertain (SPEC 6.6).
+    "poll_failed": ("After the Spine took the message, its poll answered an unexpected status or "
+                    "an unreadable ack", "transport", _FAILED_SAME_ID),
+    "poll_limit": ("The ack was polled for as many times as allowed without an answer",
+                   "transport", _FAILED_SAME_ID),
+    "poll_location_refused": ("The Spine's poll location was on another host: it was not "
+                              "followed, so the session token never went there", "transport",
+                              _FAILED_SAME_ID + " If it recurs, report the Spine's answer to the "
+                              "NHS national service desk."),
 }
+# Failures after which the Spine may hold the message: Failed re-sends these with their original
+# id, so duplicate elimination answers with the first outcome; every other failure is rebuilt.
+UNCERTAIN_FAILURES = frozenset({"ack_timeout", "retries_exhausted", "poll_failed", "poll_limit",
+                                "poll_location_refused"})
+# An AE 30134 (duplicate event) is not a failure to fix: the Spine already holds a summary for the
+# patient, who becomes not required with this reason (SPEC 6.6).
+DUPLICATE_EVENT = "30134"
+EXISTING_SUMMARY_AT_SPINE = "existing_summary_at_spine"
 RETRIABLE_SOAP_FAULTS = frozenset({"200", "206", "208"})
 PSIS_CODE_MIN_DIGITS = 5  # PSIS codes (30134, 35160...) are five digits; generic ones are three
 

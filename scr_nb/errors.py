@@ -83,9 +83,10 @@ class Unreachable(SpineError):
         super().__init__(message, retriable=True)
 
 
-class OptionError(ScrNbError):
-    """A bad option value (an unreadable certificate, a certificate without its key, plain
-    http:// to another machine): the command exits 2 before anything happens."""
+class OptionError(ScrNbError, ValueError):
+    """A bad option value (a negative rate limit, zero concurrency, an unreadable certificate, a
+    certificate without its key, plain http:// to another machine): the command exits 2, and the
+    panel and the notebooks say what is wrong, before anything happens."""
 
 
 class StoreError(ScrNbError):

@@ -139,7 +139,7 @@ def test_the_report_and_the_monitor_read_on_a_laptop_screen(uploaded, tmp_path):
             for path, shot in ((report, "report.png"), (monitor, "monitor.png")):
                 page.goto(path.as_uri())
                 assert page.evaluate("document.documentElement.scrollWidth") <= 1280, shot
-                assert page.get_by_text("demonstration practice (A12345)").first.is_visible()
+                assert page.get_by_text("Synthetic practice A12345 (A12345)").first.is_visible()
                 page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
         finally:
             browser.close()

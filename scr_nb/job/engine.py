@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from scr_nb.clock import SystemClock
-from scr_nb.errors import ExtractError, RefusedError, TlsFailure, Unreachable
+from scr_nb.errors import ExtractError, RefusedError, SessionError, TlsFailure, Unreachable
 from scr_nb.extract.eligibility import Decision, Policy, decide, summarise
 from scr_nb.extract.reader import load_practice
 from scr_nb.extract.records import Practice
@@ -36,6 +36,9 @@ from scr_nb.store.log import PracticeLog
 from scr_nb.store.practice_store import Store
 from scr_nb.store.states import JobStatus
 
+# A session with less than this left is not started on: the longest one request may take (the
+# Spine client's request timeout), before the clock difference with the Spine is known (SPEC 7).
+SESSION_MARGIN_AT_START = 30.0
 # The settings a job's start records in the practice log.
 LOGGED_SETTINGS = ("concurrency", "rate_limit", "ack_timeout", "dissent", "skip_acknowledged")
 
@@ -58,17 +61,27 @@ class Engine:
 
     # --- preparing ----------------------------------------------------------------------------
 
-    def prepare(self, options: JobOptions) -> tuple[Practice, dict[str, Decision]]:
-        """Read the extract, decide eligibility, bring the store in line. Sends nothing."""
+    def read_extract(self, options: JobOptions) -> tuple[Practice, list[Decision]]:
+        """Read the extract and decide eligibility. Writes nothing."""
         practice = load_practice(self.practice_dir, today=self.clock.today())
         policy = Policy(today=self.clock.today(), dissent=options.dissent,
                         update_existing_after_days=options.update_existing_after_days)
         decisions = decide(practice, policy)
+        self.dry_run = summarise(decisions)
+        return practice, decisions
+
+    def sync(self, decisions: list[Decision]) -> dict[str, Decision]:
+        """Bring the store's patients in line with the extract's decisions (after the job may
+        start: a refused job changes nothing)."""
         self.store.sync_patients((d.key, d.patient.patient_id, d.patient.nhs_number,
                                   d.patient.row, d.reason, d.dissent) for d in decisions)
+        return {d.key: d for d in decisions}
+
+    def prepare(self, options: JobOptions) -> tuple[Practice, dict[str, Decision]]:
+        """Read the extract, decide eligibility, bring the store in line. Sends nothing."""
+        practice, decisions = self.read_extract(options)
         self.store.sync_extract_groups(practice.groups)
-        self.dry_run = summarise(decisions)
-        return practice, {d.key: d for d in decisions}
+        return practice, self.sync(decisions)
 
     @contextmanager
     def _refusals_logged(self, options: JobOptions) -> Iterator[None]:
@@ -90,6 +103,15 @@ class Engine:
         except (TlsFailure, Unreachable) as err:
             raise RefusedError(f"{err}. Nothing was sent and no job was started; start it "
                                "again once the connection works.") from err
+
+    def _check_margin(self) -> None:
+        """Refuse a session already inside its safety margin: no request may go out on it."""
+        left = self.session.seconds_left(self.clock.now())
+        if left <= SESSION_MARGIN_AT_START:
+            raise SessionError(
+                f"the Smartcard session ends in {max(0, left):.0f} s, inside the safety margin of "
+                f"{SESSION_MARGIN_AT_START:.0f} s kept for the longest request: log in again "
+                "(scr-nb login) and start the job")
 
     def _check_schedule(self, options: JobOptions) -> None:
         options.schedule.check(self.clock.now())
@@ -135,6 +157,7 @@ class Engine:
         self.lock = StoreLock(self.store, self.session.user_id, self.session.name, self.clock.now)
         with self._refusals_logged(options):
             self.session.require_b0062(self.clock.now())
+            self._check_margin()
             await self._check_connection()
             crashed = self.lock.acquire()
         if crashed is not None:
@@ -143,8 +166,13 @@ class Engine:
         try:
             with self._refusals_logged(options):
                 self._check_schedule(options)
-                practice, decisions = self.prepare(options)
+                practice, decided = self.read_extract(options)
+                # The extract's Patient Groups mirror groups.csv: kept before the mode's rules
+                # are read, which change nothing (a refused job leaves the patients as they were).
+                self.store.sync_extract_groups(practice.groups)
                 resumed, chain_mode, group = choose_chain(self.store, options.mode, options.group)
+            decisions = self.sync(decided)
+            options = options.for_practice(practice.details)
             return await self._run_job(options, practice, decisions, resumed, chain_mode, group)
         finally:
             self.lock.release()

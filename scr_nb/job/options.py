@@ -6,8 +6,10 @@ the scheduled notebook and the support desk hand to the runner and read back.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
+from scr_nb.errors import OptionError
+from scr_nb.extract.records import PracticeDetails
 from scr_nb.job.schedule import Schedule
 from scr_nb.store.practice_store import Job
 from scr_nb.store.states import JobStatus, Mode, StopReason
@@ -21,8 +23,8 @@ def describe_duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
-class OptionError(ValueError):
-    """A job option no job can run with; its words name the option and what it takes."""
+DEFAULT_PRACTICE = PracticeDetails(ods_code="A12345", name="scr-nb demonstration practice",
+                                   asid="200000000001")
 
 
 def _number(value: object) -> float | None:
@@ -73,16 +75,27 @@ class JobOptions:
     skip_acknowledged: bool = False          # rerun only
     update_existing_after_days: int | None = None
     retry_window: float = 600.0              # seconds of transient failures before giving up
-    sender_asid: str = "200000000001"
+    # Who the practice is on the Spine: None takes it from the extract's practice.json, else the
+    # built-in demonstration values (DEFAULT_PRACTICE); given, it overrides practice.json (SPEC 3).
+    sender_asid: str | None = None
     receiver_asid: str = "990101234567"
-    practice_ods: str = "A12345"
-    practice_name: str = "scr-nb demonstration practice"
+    practice_ods: str | None = None
+    practice_name: str | None = None
     schedule: Schedule = Schedule()
 
     def __post_init__(self) -> None:
         problem = option_problem(self)
         if problem is not None:
             raise OptionError(problem)
+
+    def for_practice(self, details: PracticeDetails) -> "JobOptions":
+        """These options with the practice's ODS code, name and ASID filled in: an option given
+        wins, then practice.json, then the demonstration practice."""
+        return replace(self,
+                       sender_asid=self.sender_asid or details.asid or DEFAULT_PRACTICE.asid,
+                       practice_ods=self.practice_ods or details.ods_code
+                       or DEFAULT_PRACTICE.ods_code,
+                       practice_name=self.practice_name or details.name or DEFAULT_PRACTICE.name)
 
     def settings(self) -> dict:
         data = asdict(self)
@@ -108,6 +121,7 @@ class Progress:
     acknowledged: int = 0
     failed: int = 0
     failed_by_code: dict[str, int] = field(default_factory=dict)
+    already_at_spine: int = 0        # AE 30134: the Spine holds a summary already (not required)
     elapsed: float = 0.0
     session_expires_at: str | None = None
     session_seconds_left: float | None = None
@@ -118,7 +132,7 @@ class Progress:
 
     @property
     def done(self) -> int:
-        return self.acknowledged + self.failed
+        return self.acknowledged + self.failed + self.already_at_spine
 
     @property
     def rate(self) -> float:

@@ -9,9 +9,9 @@ import asyncio
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from scr_nb.constants import MAX_MESSAGE_BYTES
+from scr_nb.constants import DUPLICATE_EVENT, MAX_MESSAGE_BYTES, UNCERTAIN_FAILURES
 from scr_nb.errors import AccessDenied, SessionExpired, SessionRejected, SpineError, TlsFailure
-from scr_nb.extract.eligibility import Decision
+from scr_nb.extract.eligibility import Decision, latest_consent_entry
 from scr_nb.extract.records import Practice
 from scr_nb.job.options import JobOptions, Progress, describe_duration
 from scr_nb.job.watcher import Phase, Step, next_step, sending_allowed, starts_waiting
@@ -31,11 +31,10 @@ from scr_nb.store.states import JobStatus, Mode, PatientState, StopReason, count
 if TYPE_CHECKING:
     from scr_nb.job.engine import Engine
 
-# Failures after which the Spine may still hold the message: Failed re-sends these with their
-# original id (SPEC 8 names ack_timeout; a send whose transient failures never cleared is as
-# uncertain, since a timed-out POST may have been taken, and so is a 202 whose poll location was
-# refused), and rebuilds every other failure.
-UNCERTAIN_FAILURES = frozenset({"ack_timeout", "retries_exhausted", POLL_LOCATION_REFUSED})
+# Failures after which the Spine may still hold the message (constants.UNCERTAIN_FAILURES): a send
+# whose transient failures never cleared (a timed-out POST may have been taken), and anything after
+# the Spine's 202. Failed re-sends these with their original id and rebuilds every other failure.
+assert POLL_LOCATION_REFUSED in UNCERTAIN_FAILURES
 # What stops a job without failing anyone: the Spine's 403, and a TLS failure (SPEC 6.3, 6.5).
 STOPPING_ERRORS = {AccessDenied: StopReason.ACCESS_DENIED, TlsFailure: StopReason.TLS_FAILURE}
 FLUSH_SECONDS = 0.25
@@ -113,6 +112,7 @@ class Pipeline:
                          "transmitted": self.progress.transmitted,
                          "acknowledged": self.progress.acknowledged,
                          "failed": self.progress.failed,
+                         "already_at_spine": self.progress.already_at_spine,
                          "failed_by_code": dict(self.progress.failed_by_code)},
             "elapsed_seconds": round(elapsed, 3),
             "average_seconds_per_patient": round(elapsed / done, 4) if done else None,
@@ -170,9 +170,14 @@ class Pipeline:
                                  self.practice.allergies.get(patient.patient_id, ()),
                                  self.windows)
         prior = self.store.patient(pkey)["ack_event_id"]
+        dissent_on = None
+        if decision.dissent:   # the Refusal entry is dated the day the dissent was recorded
+            entry = latest_consent_entry(self.practice.consent.get(patient.patient_id))
+            dissent_on = entry.recorded_on if entry else None
         message = build_message(patient, content, author=self.author, message_id=new_id(),
                                 event_id=new_id(), created=self.clock.now(),
-                                prior_event_id=prior, dissent=decision.dissent)
+                                prior_event_id=prior, dissent=decision.dissent,
+                                dissent_on=dissent_on)
         if message.size > MAX_MESSAGE_BYTES:
             self.store.fail_unsent(pkey, self.job.id, self.job.chain_id, message.message_id,
                                    message.event_id, message.size, "message_too_large")
@@ -202,8 +207,17 @@ class Pipeline:
             else:
                 plan.append(Work(pkey, kept.message_id, kept.event_id,
                                   message=self.stored(message_id)))
+        # Then messages built and never posted before a stop: sent with the id they were given.
+        reused = set()
+        for pkey, message_id in self.store.unsent(self.job.chain_id, self.job.group):
+            kept = self.store.message(message_id)
+            self.store.requeue(pkey, message_id, self.job.id, self.job.chain_id)
+            plan.append(Work(pkey, message_id, kept.event_id, message=self.stored(message_id)))
+            reused.add(pkey)
         for pkey in self.store.select_work(self.chain_mode, self.job.chain_id, self.job.group,
                                            self.options.skip_acknowledged):
+            if pkey in reused:
+                continue
             if self.chain_mode in (Mode.FAILED.value, Mode.RERUN.value):
                 row = self.store.patient(pkey)
                 kept = self.store.message(row["message_id"]) if row["message_id"] else None
@@ -257,6 +271,8 @@ class Pipeline:
                 task.cancel()
             await client.aclose()
             self.store.flush()
+            # A clean stop leaves nothing counted as Sending: built, never posted -> Unprocessed.
+            self.store.unqueue_unsent(self.job.group)
         self.report(force=True)
         self.log_control()
         if self.stop_reason is not None:
@@ -497,7 +513,11 @@ class Pipeline:
                 self.stopped_by(err)
                 return   # stays transmitted: Resume polls it again
             except SpineError as err:
-                self.failed(message_id, "http_error" if not err.codes else err.codes[0])
+                # After the 202 the Spine holds the message: whatever went wrong, the outcome is
+                # uncertain, and Failed re-sends it with this id (SPEC 6.6).
+                code = err.codes[0] if err.codes and err.codes[0] in UNCERTAIN_FAILURES \
+                    else "poll_failed"
+                self.failed(message_id, code)
                 return
             if result.ack is None:
                 wait = max(0.05, result.retry_after)
@@ -513,6 +533,11 @@ class Pipeline:
             if ack.accepted:
                 self.store.mark_acknowledged(message_id, work.event_id)
                 self.progress.acknowledged += 1
+                self.report()
+            elif ack.failure_code == DUPLICATE_EVENT:
+                # The Spine already holds a summary for the patient: not required, not failed.
+                self.store.mark_existing_at_spine(message_id, ack.codes, result.body)
+                self.progress.already_at_spine += 1
                 self.report()
             else:
                 self.failed(message_id, ack.failure_code or ack.type_code, ack, result.body)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import httpx
 
-from scr_nb.constants import B0062, B0062_TEXT
+from scr_nb.constants import B0062, B0062_TEXT, SDS_ID_PATTERN
 from scr_nb.errors import SessionError
 from scr_nb.spine.tls import TlsSettings, check_url, diagnose
 
-SDS_ID = re.compile(r"[0-9]{12}")   # SDS user and role profile ids (SPEC 7)
+SDS_ID = re.compile(SDS_ID_PATTERN)   # SDS user and role profile ids (SPEC 7)
 
 
 def is_sds_id(value: object) -> bool:

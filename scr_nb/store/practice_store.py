@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from scr_nb.constants import DUPLICATE_EVENT, EXISTING_SUMMARY_AT_SPINE
 from scr_nb.errors import StoreError
 from scr_nb.store.schema import open_readonly, open_writable
 from scr_nb.store.states import (
@@ -132,7 +133,8 @@ class Store:
         ``rows``: (pkey, patient_id, nhs_number, source_row, reason or None, dissent). A patient who
         is waiting to be sent or failed and is now not required becomes not required; a
         not-required patient who is now eligible becomes unprocessed. In-flight and acknowledged
-        patients keep their state: their summaries are, or may be, on the Spine."""
+        patients keep their state: their summaries are, or may be, on the Spine, and so does a
+        patient the Spine said already holds a summary (``existing_summary_at_spine``)."""
         stamp = now_iso()
         rows = list(rows)
         with self.transaction() as db:
@@ -149,12 +151,14 @@ class Store:
                            WHEN patients.state IN ('unprocessed', 'failed', 'not_required')
                                 AND excluded.eligibility IS NOT NULL THEN 'not_required'
                            WHEN patients.state = 'not_required' AND excluded.eligibility IS NULL
+                                AND patients.reason IS NOT 'existing_summary_at_spine'
                                 THEN 'unprocessed'
                            ELSE patients.state END,
                        reason = CASE
                            WHEN patients.state IN ('unprocessed', 'failed', 'not_required')
                                 AND excluded.eligibility IS NOT NULL THEN excluded.eligibility
                            WHEN patients.state = 'not_required' AND excluded.eligibility IS NULL
+                                AND patients.reason IS NOT 'existing_summary_at_spine'
                                 THEN NULL
                            ELSE patients.reason END,
                        updated_at = CASE WHEN patients.eligibility IS excluded.eligibility
@@ -193,10 +197,11 @@ class Store:
         return self.db.execute("SELECT 1 FROM groups WHERE group_name = ? LIMIT 1",
                                (name,)).fetchone() is not None
 
-    def _scope(self, group: str | None) -> tuple[str, tuple]:
+    def _scope(self, group: str | None, alias: str = "") -> tuple[str, tuple]:
         if group is None:
             return "1", ()
-        return "patient_id IN (SELECT patient_id FROM groups WHERE group_name = ?)", (group,)
+        return (f"{alias}patient_id IN (SELECT patient_id FROM groups WHERE group_name = ?)",
+                (group,))
 
     # --- jobs ---------------------------------------------------------------------------------------
 
@@ -391,26 +396,29 @@ class Store:
                              row[8])
 
     def _message_move(self, message_id: str, new: PatientState, message_fields: dict,
-                      defer: bool = True, **patient_fields: object) -> None:
+                      defer: bool = True, patient_state: PatientState | None = None,
+                      **patient_fields: object) -> None:
         """Move a message and, if it is still the patient's current one, the patient.
 
         Moves after the message was stored are deferred to the next transaction (at most
         ``MAX_DEFERRED`` of them, or when the engine flushes, a few times a second): losing them
         in a crash only means Resume sends the same message id again, and the Spine's duplicate
         elimination answers with the first outcome."""
-        self._moves.append((message_id, new, message_fields, patient_fields))
+        self._moves.append((message_id, new, message_fields, patient_fields, patient_state))
         if not defer or len(self._moves) >= MAX_DEFERRED:
             self.flush()
 
     def _apply_move(self, db: sqlite3.Connection, message_id: str, new: PatientState,
-                    message_fields: dict, patient_fields: dict) -> None:
+                    message_fields: dict, patient_fields: dict,
+                    patient_state: PatientState | None = None) -> None:
         row = db.execute("SELECT pkey FROM messages WHERE message_id = ?", (message_id,)).fetchone()
         if row is None:
             raise StoreError(f"no message {message_id} in {self.path}")
         sets = "".join(f", {k} = ?" for k in message_fields)
         db.execute(f"UPDATE messages SET state = ?{sets} WHERE message_id = ?",
                    (new.value, *message_fields.values(), message_id))
-        self._move(db, row[0], new, only_if_message=message_id, **patient_fields)
+        self._move(db, row[0], patient_state or new, only_if_message=message_id,
+                   **patient_fields)
 
     @property
     def pending(self) -> int:
@@ -437,6 +445,39 @@ class Store:
             fields.update(acked_at=now_iso(), ack_type=ack_type, ack_codes=" ".join(ack_codes),
                           ack_body=zlib.compress(ack_body or b"", 1))
         self._message_move(message_id, PatientState.FAILED, fields, reason=code)
+
+    def mark_existing_at_spine(self, message_id: str, ack_codes: tuple[str, ...],
+                               ack_body: bytes | None) -> None:
+        """AE 30134: the Spine already holds a summary for the patient. The message failed, but
+        the patient is not required (``existing_summary_at_spine``), never a failure to fix."""
+        self._message_move(message_id, PatientState.FAILED,
+                           {"failure_code": DUPLICATE_EVENT, "acked_at": now_iso(),
+                            "ack_type": "AE", "ack_codes": " ".join(ack_codes),
+                            "ack_body": zlib.compress(ack_body or b"", 1)},
+                           patient_state=PatientState.NOT_REQUIRED,
+                           reason=EXISTING_SUMMARY_AT_SPINE)
+
+    def unqueue_unsent(self, group: str | None) -> int:
+        """After a stop: patients whose message was built but never posted go back to unprocessed
+        (nothing is counted as Sending); the message keeps its id for the next job of the chain."""
+        self.flush()
+        where, args = self._scope(group)
+        with self.transaction() as db:
+            return db.execute(
+                "UPDATE patients SET state = 'unprocessed', updated_at = ? WHERE state = 'queued' "
+                "AND message_id IN (SELECT message_id FROM messages WHERE state = 'queued') "
+                f"AND {where}", (now_iso(), *args)).rowcount
+
+    def unsent(self, chain_id: int, group: str | None) -> list[tuple[str, str]]:
+        """(pkey, message_id) of unprocessed patients of this chain whose message was built and
+        never posted: sent next with that id, before anything is built."""
+        self.flush()
+        where, args = self._scope(group, "p.")
+        return list(self.db.execute(
+            "SELECT p.pkey, p.message_id FROM patients AS p JOIN messages AS m "
+            "ON m.message_id = p.message_id WHERE p.state = 'unprocessed' AND m.state = 'queued' "
+            f"AND m.body IS NOT NULL AND p.chain_id = ? AND {where} ORDER BY p.source_row",
+            (chain_id, *args)))
 
     def record_attempt(self, message_id: str, kind: str, status: int | None, detail: str) -> None:
         """Note one HTTP exchange for the patient's timeline; written with the next state change

@@ -23,7 +23,8 @@ PATIENT_TRANSITIONS: dict[PatientState, frozenset[PatientState]] = {
     P.UNPROCESSED: frozenset({P.QUEUED, P.FAILED, P.NOT_REQUIRED}),
     P.QUEUED: frozenset({P.SENDING, P.UNPROCESSED, P.FAILED, P.NOT_REQUIRED}),
     P.SENDING: frozenset({P.TRANSMITTED, P.FAILED, P.QUEUED, P.ACKNOWLEDGED}),
-    P.TRANSMITTED: frozenset({P.ACKNOWLEDGED, P.FAILED}),
+    # An AE 30134 says the Spine already holds a summary: the patient is not required (SPEC 6.6).
+    P.TRANSMITTED: frozenset({P.ACKNOWLEDGED, P.FAILED, P.NOT_REQUIRED}),
     # A new job (Rerun, Failed) or a changed extract takes a patient back to the start.
     P.ACKNOWLEDGED: frozenset({P.UNPROCESSED, P.QUEUED, P.FAILED, P.NOT_REQUIRED}),
     P.FAILED: frozenset({P.UNPROCESSED, P.QUEUED, P.NOT_REQUIRED}),

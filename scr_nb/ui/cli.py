@@ -402,8 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", required=True, help="session file from scr-nb login")
     add_job_options(p)
     add_tls_options(p)
-    p.add_argument("--asid", default="200000000001", help="the practice system's ASID")
-    p.add_argument("--ods", default="A12345", help="the practice's ODS code")
+    p.add_argument("--asid", default=None,
+                   help="the practice system's ASID (default: practice.json's, else 200000000001)")
+    p.add_argument("--ods", default=None,
+                   help="the practice's ODS code (default: practice.json's, else A12345)")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
