@@ -172,24 +172,32 @@ class JobControl:
     """Asks a running job to stop. Stop -> paused; Stop and Close -> stopped; Cancel -> cancelled.
 
     Safe to call from another thread (the CLI's signal handler, a widget's button): the engine
-    reads the request before it takes each patient and before each send."""
+    reads the request before it takes each patient and before each send. Requests made through
+    the store (``scr-nb stop``, a panel in another process) arrive here too, with who asked."""
 
     def __init__(self) -> None:
         self.requested: JobStatus | None = None
         self.reason: StopReason | None = None
+        self.requested_by: tuple[str, str] | None = None    # (user id, name) when known
 
-    def request(self, status: JobStatus, reason: StopReason) -> None:
+    def request(self, status: JobStatus, reason: StopReason,
+                by: tuple[str, str] | None = None) -> None:
         if self.requested is None or status == JobStatus.CANCELLED:
             self.requested, self.reason = status, reason
+            self.requested_by = by or self.requested_by
 
-    def stop(self) -> None:
-        self.request(JobStatus.PAUSED, StopReason.USER_STOP)
+    def stop(self, by: tuple[str, str] | None = None) -> None:
+        self.request(JobStatus.PAUSED, StopReason.USER_STOP, by)
 
-    def stop_and_close(self) -> None:
-        self.request(JobStatus.STOPPED, StopReason.USER_STOP)
+    def stop_and_close(self, by: tuple[str, str] | None = None) -> None:
+        self.request(JobStatus.STOPPED, StopReason.USER_STOP, by)
 
-    def cancel(self) -> None:
-        self.request(JobStatus.CANCELLED, StopReason.USER_CANCEL)
+    def cancel(self, by: tuple[str, str] | None = None) -> None:
+        self.request(JobStatus.CANCELLED, StopReason.USER_CANCEL, by)
+
+    def ask(self, request: str, by: tuple[str, str] | None = None) -> None:
+        """A request by name, as the store keeps them: ``stop``, ``close`` or ``cancel``."""
+        {"stop": self.stop, "close": self.stop_and_close, "cancel": self.cancel}[request](by)
 
     @property
     def stopping(self) -> bool:

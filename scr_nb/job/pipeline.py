@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from scr_nb.constants import DUPLICATE_EVENT, MAX_MESSAGE_BYTES, UNCERTAIN_FAILURES
@@ -38,6 +39,8 @@ assert POLL_LOCATION_REFUSED in UNCERTAIN_FAILURES
 # What stops a job without failing anyone: the Spine's 403, and a TLS failure (SPEC 6.3, 6.5).
 STOPPING_ERRORS = {AccessDenied: StopReason.ACCESS_DENIED, TlsFailure: StopReason.TLS_FAILURE}
 FLUSH_SECONDS = 0.25
+REQUESTS_SECONDS = 0.5    # how often Stop requests made through the store are read (SPEC: 2 s)
+DEFAULT_REQUEST_SECONDS = 30.0   # the longest one request may take, when the client does not say
 WATCH_SECONDS = 0.1       # how often the schedule and the session are checked against the clock
 
 
@@ -75,6 +78,7 @@ class Pipeline:
         self.gate = asyncio.Event()      # open: sending may go on (closed before the start and
         self.gate.set()                  # inside a scheduled pause)
         self.phase = Phase()
+        self.next_request_check = 0.0
         self.control_logged = False
         self.produced_all = False
 
@@ -318,11 +322,21 @@ class Pipeline:
         """Log a Stop, Stop and Close or Cancel once, with the user, when it is first seen."""
         if self.control.stopping and not self.control_logged:
             self.control_logged = True
+            user_id, user_name = self.control.requested_by or (self.engine.session.user_id,
+                                                               self.engine.session.name)
             self.engine.log.write("cancel" if self.control.requested == JobStatus.CANCELLED
-                                  else "stop", job_id=self.job.id,
-                                  user_id=self.engine.session.user_id,
-                                  reason=self.control.reason.value,
+                                  else "stop", job_id=self.job.id, user_id=user_id,
+                                  user_name=user_name, reason=self.control.reason.value,
                                   becomes=self.control.requested.value)
+
+    def session_ends(self) -> datetime:
+        """When sending must stop: a safety margin before the card's session ends, the longest a
+        request may take plus the clock difference with the Spine (read from its Date header), so
+        latency and clock skew never put a request on a dead session (SPEC 7)."""
+        client = getattr(self, "client", None)
+        margin = (getattr(client, "request_timeout", DEFAULT_REQUEST_SECONDS)
+                  + abs(getattr(client, "clock_offset", 0.0)))
+        return self.engine.session.expires_at - timedelta(seconds=margin)
 
     def may_send(self) -> bool:
         """Asked by the Spine client just before each POST (after a rate-limit wait or a retry
@@ -330,7 +344,7 @@ class Pipeline:
         if self.halted or not self.gate.is_set():
             return False
         return sending_allowed(self.clock.now(), self.options.schedule,
-                               self.engine.session.expires_at, self.phase)
+                               self.session_ends(), self.phase)
 
     def stopped(self, status: JobStatus, reason: StopReason, detail: str | None = None) -> None:
         """Stop sending for a reason of the job's own (schedule, session, the Spine's 403, TLS);
@@ -360,7 +374,12 @@ class Pipeline:
                                    "see the practice log")
             if self.stop_reason is not None:
                 return
-            step = next_step(now, schedule, session.expires_at, self.phase, self.control.stopping)
+            if self.clock.monotonic() >= self.next_request_check:
+                self.next_request_check = self.clock.monotonic() + REQUESTS_SECONDS
+                for request, user_id, user_name in self.store.take_requests(self.job.id):
+                    self.control.ask(request, (user_id, user_name))
+            step = next_step(now, schedule, self.session_ends(), self.phase,
+                             self.control.stopping)
             if step == Step.STOP_TIME:
                 self.stopped(JobStatus.STOPPED, StopReason.STOP_TIME)
                 return
