@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import stat
+import socket
 import subprocess
 import sys
 import time
@@ -203,3 +204,72 @@ def test_upload_gives_the_callers_signal_handlers_back(practice, tmp_path, spine
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     assert cli.main(upload_args("run", practice, tmp_path, spine, logged_in)) == 0
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_stop_from_another_process_reaches_the_running_job(practice, tmp_path, spine_factory,
+                                                           monkeypatch, capsys):
+    spine, session, process = slow_upload(practice, tmp_path, spine_factory, monkeypatch, 20)
+    store = str(tmp_path / "s.sqlite")
+    try:
+        stopper = subprocess.run([sys.executable, "-m", "scr_nb", "stop", "--store", store,
+                                  "--close", "--session", str(session)],
+                                 capture_output=True, text=True, timeout=60)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert stopper.returncode == 0, stopper.stderr
+    assert "Stopped: stopped by the user" in stopper.stdout
+    assert process.returncode == 4, err
+    again = subprocess.run([sys.executable, "-m", "scr_nb", "stop", "--store", store],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 3 and "nothing to stop" in again.stderr
+    capsys.readouterr()
+    assert cli.main(["log", "--store", store, "--json"]) == 0
+    stops = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+             if json.loads(line)["event"] == "stop"]
+    assert stops and stops[0]["user_id"] == ADMIN["user_id"] and stops[0]["becomes"] == "stopped"
+
+
+def test_bad_job_options_are_exit_2_and_record_no_job(practice, tmp_path, spine, logged_in):
+    for bad in (["--rate-limit", "-1"], ["--concurrency", "0"], ["--ack-timeout", "-5"]):
+        run = subprocess.run([sys.executable, "-m", "scr_nb",
+                              *upload_args("run", practice, tmp_path, spine, logged_in), *bad],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2, (bad, run.stderr)
+        assert bad[0] in run.stderr
+    assert not (tmp_path / "s.sqlite").exists()
+    assert spine.simulator.stats()["requests"] == 0
+
+
+def test_preflight_says_ready_or_every_reason(practice, tmp_path, spine, logged_in, capsys):
+    assert cli.main(["preflight", "--practice", str(practice), "--spine", spine.url,
+                     "--session", str(logged_in), "--rate-limit", "50", "--json"]) == 0
+    ready = json.loads(capsys.readouterr().out)
+    assert ready["ready"] and ready["eligibility"]["eligible"] > 0
+    assert cli.main(["preflight", "--practice", str(practice), "--spine", spine.url,
+                     "--session", str(logged_in), "--rate-limit", "0.005", "--stop-at",
+                     "2099-01-01T00:00"]) == 3
+    printed = capsys.readouterr().out
+    assert "NOT timing" in printed and "Not ready: 1 check(s) failed." in printed
+    assert spine.simulator.stats()["requests"] == 0
+
+
+def test_break_lock_refuses_a_live_holder_and_frees_a_dead_one(practice, tmp_path, spine,
+                                                              logged_in, capsys):
+    from scr_nb.store.practice_store import Store
+
+    store_path = tmp_path / "s.sqlite"
+    store = Store(store_path)
+    with store.transaction() as db:    # a job whose process died: a pid no process has
+        db.execute("INSERT INTO job_lock (id, user_id, user_name, host, pid, since, heartbeat, "
+                   "token, started, beat) VALUES (1, '555000000009', 'Pat Other', ?, 2147480000, "
+                   "'2026-11-20T19:00:00+00:00', 0, 'gone', NULL, 0)", (socket.gethostname(),))
+    store.close()
+    assert cli.main(["break-lock", "--store", str(store_path), "--session", str(logged_in)]) == 0
+    assert "Pat Other" in capsys.readouterr().out
+    assert cli.main(["break-lock", "--store", str(store_path)]) == 3
+    assert "nothing to break" in capsys.readouterr().err
+    assert cli.main(["log", "--store", str(store_path), "--json"]) == 0
+    broken = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert broken[-1]["event"] == "lock_broken" and broken[-1]["user_id"] == ADMIN["user_id"]

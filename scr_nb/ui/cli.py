@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from datetime import date
 from pathlib import Path
 
@@ -205,13 +206,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     Example: scr-nb upload run --practice practice/ --store practice.sqlite \\
                  --spine http://127.0.0.1:8900 --session session.json
     """
-    if args.skip_acknowledged and args.mode != "rerun":
-        print("scr-nb upload: --skip-acknowledged only applies to rerun", file=sys.stderr)
-        return EXIT_USAGE
-    options = JobOptions(mode=Mode(args.mode), group=args.group, concurrency=args.concurrency,
-                         rate_limit=args.rate_limit, ack_timeout=args.ack_timeout,
-                         dissent=args.dissent, skip_acknowledged=args.skip_acknowledged,
-                         sender_asid=args.asid, practice_ods=args.ods, schedule=args.schedule)
+    options = args.options
     control = JobControl()
     bar = _Bar(enabled=not args.quiet)
     interrupts = {"n": 0}
@@ -290,6 +285,104 @@ def cmd_report(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     path = write_report(args.store, args.out, show_nhs=args.show_nhs_numbers)
     print(f"Report: {path}")
+    return EXIT_OK
+
+
+# --- preflight, stop, break-lock ---------------------------------------------------------------------
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    """Check everything a run needs, without sending a clinical message: the extract and its
+    eligibility counts, the session (user, B0062, time left), TLS to the Spine and the identity
+    provider, a sample of messages against the Spine's rules, and the time the job needs at the
+    rate limit against the stop time and the session. Exit 0 ready, 3 not ready (every reason).
+
+    Example: scr-nb preflight --practice practice/ --spine https://spine.example \\
+                 --session session.json --rate-limit 20 --stop-at 2026-11-24T07:00
+    """
+    from scr_nb.job.preflight import run_preflight
+
+    report = run_preflight(args.practice, args.spine, args.session, args.options, tls=args.tls,
+                           identity=args.identity)
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        for check in report.checks:
+            print(f"{'ok ' if check.ok else 'NOT'} {check.name:<9} {check.words}")
+        print("Ready: every check passed." if report.ready else
+              f"Not ready: {len(report.reasons)} check(s) failed.")
+    return EXIT_OK if report.ready else EXIT_REFUSED
+
+
+def _who(args: argparse.Namespace) -> tuple[str, str]:
+    """Who asks: the Smartcard user of --session when given, else this machine's account."""
+    if getattr(args, "session", None):
+        session = sessions.load(args.session)
+        return session.user_id, session.name
+    account = getpass.getuser()
+    return account, f"{account} (operating system account)"
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Ask the job running on a store, whichever process or machine runs it, to Stop (default),
+    Stop and Close (--close) or Cancel (--cancel); wait until it has stopped. Exit 0 when it
+    stopped, 3 when no job was running.
+
+    Example: scr-nb stop --store practice.sqlite --close
+    """
+    from scr_nb.store.practice_store import Store
+    from scr_nb.store.words import job_words
+
+    if not Path(args.store).exists():
+        print(f"scr-nb stop: {args.store}: no such store", file=sys.stderr)
+        return EXIT_USAGE
+    request = "cancel" if args.cancel else "close" if args.close else "stop"
+    user_id, user_name = _who(args)
+    store = Store(args.store)
+    try:
+        job = store.running_job()
+        if job is None:
+            print("scr-nb stop: no upload is running on this store: nothing to stop.",
+                  file=sys.stderr)
+            return EXIT_REFUSED
+        store.ask(job.id, request, user_id, user_name)
+        print(f"Asked job {job.id} to {dict(stop='stop', close='stop and close', cancel='cancel')[request]}"
+              f" (as {user_name}); waiting for it to stop...", file=sys.stderr)
+        deadline = time.monotonic() + args.wait
+        while time.monotonic() < deadline:
+            now = store.job(job.id)
+            if now.ended_at is not None or store.lock_holder() is None:
+                print(f"Job {job.id}: {job_words(now.status, now.reason)}.")
+                return EXIT_OK
+            time.sleep(0.2)
+    finally:
+        store.close()
+    print(f"scr-nb stop: job {job.id} has not stopped within {args.wait:g} s (Stop and Close "
+          "waits for the acks of messages in transit); the request stands.", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def cmd_break_lock(args: argparse.Namespace) -> int:
+    """Remove the store's job lock when the job that held it is gone (its process died, or its
+    heartbeat stopped 30 s ago); refused while it lives. Logged with who broke it.
+
+    Example: scr-nb break-lock --store practice.sqlite
+    """
+    from scr_nb.store.lock import break_lock
+    from scr_nb.store.log import PracticeLog
+    from scr_nb.store.practice_store import Store
+
+    if not Path(args.store).exists():
+        print(f"scr-nb break-lock: {args.store}: no such store", file=sys.stderr)
+        return EXIT_USAGE
+    user_id, user_name = _who(args)
+    store = Store(args.store)
+    try:
+        holder = break_lock(store)
+    finally:
+        store.close()
+    PracticeLog(args.store).write("lock_broken", user_id=user_id, user_name=user_name,
+                                  previous_holder=holder.describe())
+    print(f"Lock of {holder.describe()} removed.")
     return EXIT_OK
 
 
@@ -419,6 +512,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_options(p)
     add_tls_options(p)
 
+    p = command("preflight", cmd_preflight, "check everything a run needs, sending nothing")
+    p.add_argument("--practice", **practice)
+    p.add_argument("--spine", required=True, help="Spine base URL")
+    p.add_argument("--session", required=True, help="session file from scr-nb login")
+    p.add_argument("--identity", help="identity provider base URL (default: the session's)")
+    add_job_options(p)
+    add_tls_options(p)
+    p.add_argument("--json", action="store_true")
+
+    p = command("stop", cmd_stop, "stop the job running on a store, from anywhere")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--close", action="store_true", help="Stop and Close")
+    which.add_argument("--cancel", action="store_true", help="Cancel")
+    p.add_argument("--store", required=True)
+    p.add_argument("--session", help="who asks (default: this machine's account)")
+    p.add_argument("--wait", type=float, default=900.0,
+                   help="seconds to wait for the job to stop (default 900)")
+
+    p = command("break-lock", cmd_break_lock, "remove the lock of a job that is gone")
+    p.add_argument("--store", required=True)
+    p.add_argument("--session", help="who breaks it (default: this machine's account)")
+
     p = command("report", cmd_report, "an HTML report of a store")
     p.add_argument("--store", required=True)
     p.add_argument("--out", default="reports", help="directory to write to (default reports/)")
@@ -465,18 +580,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_connection_options(parser, args)
-    if args.command in ("upload", "scheduled"):
-        if args.concurrency < 1:
-            parser.error("--concurrency must be at least 1")
-        if args.rate_limit is not None and args.rate_limit <= 0:
-            parser.error("--rate-limit must be above 0 messages a second (leave it out for none)")
-        if args.ack_timeout <= 0:
-            parser.error("--ack-timeout must be above 0 seconds")
-        try:
+    if args.command in ("upload", "scheduled", "preflight"):
+        try:   # the one check of a job's options (JobOptions), before anything happens
             args.schedule = Schedule(**{
                 name: parse_local(getattr(args, name), f"--{name.replace('_', '-')}")
                 for name in ("start_at", "stop_at", "pause_at", "resume_at")
                 if getattr(args, name)})
+            args.options = JobOptions(
+                mode=Mode(getattr(args, "mode", None) or "run"), group=args.group,
+                concurrency=args.concurrency, rate_limit=args.rate_limit,
+                ack_timeout=args.ack_timeout, dissent=args.dissent,
+                skip_acknowledged=args.skip_acknowledged, sender_asid=getattr(args, "asid", None),
+                practice_ods=getattr(args, "ods", None), schedule=args.schedule)
         except ValueError as err:
             parser.error(str(err))
     try:
