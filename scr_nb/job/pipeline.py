@@ -68,7 +68,8 @@ class Pipeline:
                              practice_ods=options.practice_ods,
                              practice_name=options.practice_name)
         self.windows = Windows(today=self.clock.today())
-        self.started = self.clock.monotonic()
+        self.started = self.last_tick = self.clock.monotonic()
+        self.active = 0.0
         self.stop_reason: StopReason | None = None
         self.stop_status: JobStatus | None = None
         self.stop_detail: str | None = None      # the words of a 403 or a TLS failure
@@ -84,9 +85,17 @@ class Pipeline:
 
     # --- bookkeeping --------------------------------------------------------------------------
 
+    def active_seconds(self) -> float:
+        """Time spent sending: waiting for the start and scheduled pauses do not count."""
+        now = self.clock.monotonic()
+        if not (self.progress.waiting or self.progress.paused):
+            self.active += now - self.last_tick
+        self.last_tick = now
+        return self.active
+
     def report(self, force: bool = False) -> None:
         now = self.clock.monotonic()
-        self.progress.elapsed = now - self.started
+        self.progress.elapsed = self.active_seconds()
         if self.engine.on_progress and (force or now - self.last_report >= 0.2):
             self.last_report = now
             self.engine.on_progress(self.progress)
@@ -100,7 +109,7 @@ class Pipeline:
         """Completion statistics (SPEC 8)."""
         store = self.store
         states = store.state_counts()
-        elapsed = self.clock.monotonic() - self.started
+        elapsed = self.active_seconds()
         done = self.progress.done
         return {
             "job_id": self.job.id,
@@ -252,6 +261,7 @@ class Pipeline:
         self.phase = starts_waiting(self.clock.now(), self.options.schedule)
         if self.phase.waiting:
             self.gate.clear()
+            self.active_seconds()   # the time so far counted before the phase changes
             self.progress.waiting = True
         watcher = asyncio.create_task(self.watch())
         producer = asyncio.create_task(self.produce(plan, queue))
@@ -393,6 +403,7 @@ class Pipeline:
                 return
             if step == Step.RESUME:
                 self.phase = replace(self.phase, paused=False, resumed=True)
+                self.active_seconds()   # the time so far counted before the phase changes
                 self.progress.paused = False
                 self.store.mark_job(self.job.id, JobStatus.RUNNING, None)
                 self.engine.log.write("resume", job_id=self.job.id, user_id=session.user_id,
@@ -401,12 +412,14 @@ class Pipeline:
                 self.report(force=True)
             elif step == Step.START:
                 self.phase = replace(self.phase, waiting=False)
+                self.active_seconds()   # the time so far counted before the phase changes
                 self.progress.waiting = False
                 self.engine.log.write("start", job_id=self.job.id, user_id=session.user_id,
                                       reason="start_time")
                 self.gate.set()
             elif step == Step.PAUSE:
                 self.phase = replace(self.phase, paused=True)
+                self.active_seconds()   # the time so far counted before the phase changes
                 self.progress.paused = True
                 self.gate.clear()
                 self.store.mark_job(self.job.id, JobStatus.PAUSED, StopReason.PAUSE_TIME.value)
