@@ -62,37 +62,32 @@ def voila(practice, tmp_path, spine_factory):
 def test_the_control_panel_in_a_real_browser(voila, practice, today):
     from playwright.sync_api import expect, sync_playwright
 
-    assert Path(CHROMIUM).exists(), ("Debian's chromium is needed: apt-get install chromium "
-                                     "(scripts/test.sh installs it when it can)")
     url, spine = voila
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"])
+        browser = _browser(playwright)
         try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(url, timeout=60_000)
             button = lambda name: page.get_by_role("button", name=name, exact=True)  # noqa: E731
             expect(button("Run")).to_be_enabled(timeout=60_000)
-            expect(page.get_by_text(ADMIN["name"])).to_be_visible()
+            expect(page.get_by_text(ADMIN["name"]).first).to_be_visible()
             button("Run").click()
             expect(button("OK")).to_be_enabled()
             button("OK").click()
-            expect(page.get_by_text(re.compile(r"acknowledged [1-9]\d*"))).to_be_visible(
+            expect(page.get_by_text(re.compile(r"[1-9]\d* acknowledged"))).to_be_visible(
                 timeout=30_000)
+            expect(page.get_by_text(re.compile(r"% of the upload"))).to_be_visible()
             expect(button("Stop")).to_be_enabled()
             button("Stop").click()
-            expect(page.get_by_text(re.compile(r"paused \(user_stop\)"))).to_be_visible(
-                timeout=30_000)
+            expect(page.get_by_text("Paused: stopped by the user. Resume continues the job.")
+                   ).to_be_visible(timeout=30_000)
             assert len(held(spine)) < len(eligible_numbers(practice, today))
             expect(button("Resume")).to_be_enabled(timeout=10_000)
             button("Resume").click()
             button("OK").click()
-            expect(page.get_by_text(re.compile(r"completed: every patient"))).to_be_visible(
+            expect(page.get_by_text(re.compile(r"Completed: every patient"))).to_be_visible(
                 timeout=60_000)
-            expect(page.get_by_text(re.compile(r"Sent: \d+"))).to_be_visible()
+            expect(page.get_by_text("Completion statistics")).to_be_visible()
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "control-panel-finished.png"), full_page=True)
         finally:
@@ -100,6 +95,48 @@ def test_the_control_panel_in_a_real_browser(voila, practice, today):
     assert set(held(spine)) == eligible_numbers(practice, today)
 
 
+def test_a_panel_opened_later_attaches_to_a_running_upload_and_stops_it(voila, practice,
+                                                                         tmp_path):
+    """The upload runs as a `scr-nb upload run` process; the panel, opened in the browser while it
+    runs, shows it with its counters moving, and its Stop reaches that process through the
+    store."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, spine = voila
+    command = [sys.executable, "-m", "scr_nb", "upload", "run", "--practice", str(practice),
+               "--store", str(tmp_path / "practice.sqlite"), "--spine", spine.url,
+               "--session", str(tmp_path / "session.json"), "--quiet", "--rate-limit", "15"]
+    upload = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while spine.simulator.stats()["accepted"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with sync_playwright() as playwright:
+            browser = _browser(playwright)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.goto(url, timeout=60_000)
+                button = lambda name: page.get_by_role("button", name=name, exact=True)  # noqa
+                expect(page.get_by_text(re.compile("Running now: Dr Alex Morgan"))).to_be_visible(
+                    timeout=60_000)
+                expect(button("Stop")).to_be_enabled(timeout=10_000)
+                expect(button("OK")).to_be_disabled()
+                first = page.get_by_text(re.compile(r"% of the upload")).inner_text()
+                expect(page.get_by_text(re.compile(r"% of the upload"))).not_to_have_text(
+                    first, timeout=10_000)                       # the progress moves
+                ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "control-panel-attached.png"),
+                                full_page=True)
+                button("Stop").click()
+                out, err = upload.communicate(timeout=60)
+                assert upload.returncode == 4, err
+                expect(page.get_by_text(re.compile("Paused: stopped by the user"))).to_be_visible(
+                    timeout=15_000)
+            finally:
+                browser.close()
+    finally:
+        if upload.poll() is None:
+            upload.kill()
 def _browser(playwright):
     assert Path(CHROMIUM).exists(), ("Debian's chromium is needed: apt-get install chromium "
                                      "(scripts/test.sh installs it when it can)")

@@ -34,7 +34,8 @@ def test_log_in_run_ok_and_the_buttons_follow_the_state(practice, tmp_path, spin
     wait(panel)
     assert panel.outcome.exit_code == 0
     assert set(held(spine)) == eligible_numbers(practice, today)
-    assert "Sent: " in panel.statistics.value
+    assert "Completion statistics" in panel.statistics.value and ">Sent<" in panel.statistics.value
+    assert "Completed: every patient" in panel.phase.value
     assert panel.progress.value == panel.progress.max
     assert buttons["Run"].disabled and "already run to completion" in buttons["Run"].tooltip
     assert "already run to completion" in panel.mode_message.value
@@ -60,6 +61,7 @@ def test_stop_mid_run_then_resume(practice, tmp_path, spine_factory, admin_sessi
     panel.stop_button.click()
     wait(panel)
     assert panel.outcome.exit_code == 4 and "paused (user_stop)" in panel.outcome.message
+    assert "Paused: stopped by the user. Resume continues the job." in panel.phase.value
     assert not panel.mode_buttons["Resume"].disabled
     assert "partially completed" in panel.mode_buttons["Run"].tooltip
     panel.mode_buttons["Resume"].click()
@@ -109,3 +111,71 @@ def test_the_panel_logs_in_and_uploads_over_mutual_tls_from_the_environment(
     stranger.login_button.click()
     assert "Login refused" in stranger.session_line.value
     assert "refused the client certificate" in stranger.session_line.value
+
+
+def test_a_panel_opened_while_a_job_runs_elsewhere_shows_it_and_stops_it(
+        practice, tmp_path, spine_factory, today):
+    """The job runs in another panel (standing in for another kernel or machine); a second panel
+    opened later sees it running, its counters moving, and stops it through the store."""
+    from scr_nb.spine import session as sessions
+
+    spine = spine_factory(rate_limit_tps=50, rate_limit_burst=1)
+    session_file = tmp_path / "session.json"
+    sessions.save(sessions.login(spine.url, ADMIN["user_id"], ADMIN["passcode"]), session_file)
+    first = panel_for(practice, tmp_path, spine, str(session_file))
+    first.mode_buttons["Run"].click()
+    first.ok.click()
+    time.sleep(1.5)
+    second = ControlPanel(str(practice), str(tmp_path / "practice.sqlite"), spine.url,
+                          str(session_file), live=False)
+    second.refresh()
+    assert second.attached is not None and "Running now: Dr Alex Morgan" in second.store_line.value
+    assert not second.stop_button.disabled and second.ok.disabled
+    assert all(b.disabled for b in second.mode_buttons.values())
+    seen = second.counters.value
+    time.sleep(1.2)
+    second.refresh()
+    assert second.counters.value != seen                     # Vision's counters are live
+    second.stop_button.click()
+    wait(first)
+    assert first.outcome.job["status"] == "paused"
+    second.refresh()
+    assert second.attached is None and not second.mode_buttons["Resume"].disabled
+    assert "stopped by the user" in second.store_line.value
+    first.close()
+
+
+def test_ok_says_why_it_is_disabled_and_the_login_folds_away(practice, tmp_path, spine):
+    from tests.conftest import CLERK
+
+    panel = panel_for(practice, tmp_path, spine)
+    assert panel.ok.disabled and "log in first" in panel.ok_reason.value
+    panel.user.value, panel.passcode.value = CLERK["user_id"], CLERK["passcode"]
+    panel.login_button.click()
+    assert panel.login_box.layout.display == "none"            # folded after login
+    assert "does not hold B0062" in panel.session_line.value
+    panel.mode_buttons["Run"].click()
+    assert panel.ok.disabled and "does not hold B0062" in panel.ok_reason.value
+    panel.close()
+
+
+def test_cancel_asks_first_and_bad_options_start_nothing(practice, tmp_path, spine,
+                                                         admin_session):
+    from scr_nb.spine import session as sessions
+
+    session_file = tmp_path / "session.json"
+    sessions.save(admin_session, session_file)
+    panel = panel_for(practice, tmp_path, spine, str(session_file))
+    panel.mode_buttons["Run"].click()
+    panel.rate_limit.value = -1
+    panel.ok.click()
+    assert not panel.running and "--rate-limit must be" in panel.ok_reason.value
+    assert not (tmp_path / "practice.sqlite").exists()
+    panel.cancel_button.click()
+    assert panel.confirm_cancel.layout.display is None and panel.cancel_button.layout.display == "none"
+    panel.keep_going.click()
+    assert panel.confirm_cancel.layout.display == "none"
+    panel.rate_limit.value = 0
+    panel.check_button.click()
+    assert "Ready: every check passed." in panel.checks.value
+    panel.close()

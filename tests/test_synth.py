@@ -356,3 +356,16 @@ def test_months_back_clamps_to_the_end_of_the_month():
     assert synth.months_back(TODAY, 6) == SIX_MONTHS
     assert synth.months_back(TODAY, 12) == TWELVE_MONTHS
     assert synth.months_back(date(2025, 1, 15), 13) == date(2023, 12, 15)
+
+
+def test_synth_writes_the_practice_details(tmp_path):
+    import json
+
+    from scr_nb.sim.synth import write_practice
+
+    write_practice(tmp_path / "p", 5, seed=1, ods_code="B82001", name="Fulford Grange")
+    assert json.loads((tmp_path / "p" / "practice.json").read_text()) == {
+        "ods_code": "B82001", "name": "Fulford Grange", "asid": "200000000001"}
+    write_practice(tmp_path / "q", 5, seed=1)
+    assert json.loads((tmp_path / "q" / "practice.json").read_text())["name"] == \
+        "Synthetic practice A12345"

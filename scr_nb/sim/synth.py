@@ -263,6 +263,8 @@ def write_practice(out_dir: str | Path, patients: int, seed: int,
     if patients < 0:
         raise ValueError(f"patients must be 0 or more, not {patients}")
     today = today or date.today()
+    details = {"ods_code": ods_code, "name": name or f"Synthetic practice {ods_code}",
+               "asid": asid}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {
@@ -279,8 +281,6 @@ def write_practice(out_dir: str | Path, patients: int, seed: int,
     finally:
         for f in files.values():
             f.close()
-    details = {"ods_code": ods_code, "name": name or f"Synthetic practice {ods_code}",
-               "asid": asid}
     (out / "practice.json").write_text(json.dumps(details, indent=2) + "\n", encoding="utf-8")
     reasons = {reason: generator.reasons.get(reason, 0) for reason in NOT_REQUIRED_REASONS}
     return SynthSummary(
