@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import re
 import uuid
 from datetime import datetime
+from email.utils import parsedate_to_datetime
 
 import httpx
 import jwt
@@ -27,7 +29,8 @@ from scr_nb.sim.spine_sim import (
     add_arguments,
     config_from_args,
 )
-from scr_nb.spine import mime
+from scr_nb.spine import conformance, mime
+from tests.test_gp_summary import build, patient
 
 HL7 = "{urn:hl7-org:v3}"
 SECRET = b"test-secret-for-the-simulator-32-bytes-at-least"
@@ -73,37 +76,22 @@ def new_id() -> str:
 def make_message(nhs_number: str | None = NHS_A, message_id: str | None = None,
                  gp_summary_id: str | None = None, prior_id: str | None = None,
                  hl7: bytes | None = None, header: bytes | None = None) -> tuple[str, str, str, bytes]:
-    """A minimal GP Summary upload: (message id, GP Summary id, Content-Type, body)."""
+    """A GP Summary upload as the kit builds it (a repeat, a discontinued repeat, an acute
+    medication and an allergy): (message id, GP Summary id, Content-Type, body). ``hl7`` or
+    ``header`` replace that part's bytes; ``nhs_number=None`` leaves recordTarget out."""
     message_id = message_id or new_id()
     gp_summary_id = gp_summary_id or new_id()
-    if header is None:
-        header = (
-            f'<soap:Envelope xmlns:soap="{constants.SOAP_NS}" xmlns:eb="{constants.EBXML_NS}">'
-            f"<soap:Header><eb:MessageHeader><eb:From><eb:PartyId>TEST-1</eb:PartyId></eb:From>"
-            f"<eb:ConversationId>{message_id}</eb:ConversationId><eb:Service>{constants.SERVICE}"
-            f"</eb:Service><eb:Action>{constants.GP_SUMMARY_INTERACTION}</eb:Action><eb:MessageData>"
-            f"<eb:MessageId>{message_id}</eb:MessageId></eb:MessageData><eb:DuplicateElimination/>"
-            f"</eb:MessageHeader></soap:Header><soap:Body/></soap:Envelope>").encode()
-    if hl7 is None:
-        patient = ("" if nhs_number is None else
-                   f'<recordTarget><patient><id root="{constants.OID_NHS_NUMBER}" '
-                   f'extension="{nhs_number}"/></patient></recordTarget>')
-        replacement = ("" if prior_id is None else
-                       f'<replacementOf typeCode="RPLC"><priorMessageRef><id root="{prior_id}"/>'
-                       f"</priorMessageRef></replacementOf>")
-        hl7 = (
-            f'<?xml version="1.0" encoding="UTF-8"?>'
-            f'<REPC_IN150016SM05 xmlns="{constants.HL7_NS}"><id root="{message_id}"/>'
-            f'<interactionId root="{constants.OID_INTERACTION}" extension="REPC_IN150016SM05"/>'
-            f'<communicationFunctionSnd><device><id root="{constants.OID_ASID}" extension="123456789012"/>'
-            f"</device></communicationFunctionSnd><ControlActEvent><subject><GPSummary>"
-            f'<id root="{gp_summary_id}"/><code code="{constants.GP_SUMMARY_CODE}"/>'
-            f"{patient}{replacement}</GPSummary></subject></ControlActEvent></REPC_IN150016SM05>"
-        ).encode()
-    content_type, body = mime.build_related(
-        [({"Content-Id": "<ebXMLHeader@test>", "Content-Type": "text/xml"}, header),
-         ({"Content-Id": f"<{message_id}@test>", "Content-Type": "application/xml"}, hl7)],
-        "--=_test-boundary", start="ebXMLHeader@test")
+    built = build(patient=patient(nhs_number or ""), message_id=message_id,
+                  event_id=gp_summary_id, prior_event_id=prior_id)
+    content_type, body = built.content_type, built.body
+    if nhs_number is None:
+        body = re.sub(rb"<recordTarget .*?</recordTarget>", b"", body, count=1, flags=re.DOTALL)
+    if hl7 is not None or header is not None:
+        kit_header, kit_hl7 = mime.parse_related(body, content_type)
+        content_type, body = mime.build_related(
+            [(kit_header.headers, kit_header.body if header is None else header),
+             (kit_hl7.headers, kit_hl7.body if hl7 is None else hl7)],
+            "--=_test-boundary", start=kit_header.content_id)
     return message_id, gp_summary_id, content_type, body
 
 
@@ -433,6 +421,40 @@ def test_malformed_or_incomplete_hl7_is_ae_400_naming_what_is_wrong(spine):
     assert client.stats()["rejected_by_code"] == {"400": 3}
 
 
+def test_a_message_built_by_the_kit_meets_the_conformance_facts_and_is_accepted(spine):
+    client = spine()
+    message_id, gp_summary_id, content_type, body = make_message(NHS_A)
+    assert conformance.check_message(body, content_type) == []
+    sent = client.send(content_type, body)
+    assert read_ack(client.poll(sent.headers["content-location"]))["type"] == "AA"
+    assert [(s["nhs_number"], s["message_id"], s["gp_summary_id"]) for s in client.summaries()] \
+        == [(NHS_A, message_id, gp_summary_id)]
+
+
+@pytest.mark.parametrize("rule, breach, repair", [
+    ("ebxml-sync-reply", rb"<eb:SyncReply [^>]*/>", b""),
+    ("medication-entry-code", rb'<code code="222681000000101"[^>]*/>', b'<code nullFlavor="UNK"/>'),
+    ("coded-entry", rb"<pertinentInformation2 .*</pertinentInformation2>", b""),
+])
+def test_a_message_breaking_a_conformance_fact_is_ae_400_naming_the_rule(spine, rule, breach,
+                                                                         repair):
+    client = spine()
+    _, _, content_type, body = make_message(NHS_A)
+    broken = re.sub(breach, repair, body, count=1, flags=re.DOTALL)
+    assert broken != body
+    sent = client.send(content_type, broken)
+    assert sent.status_code == 202
+    ack = read_ack(client.poll(sent.headers["content-location"]))
+    assert ack["type"] == "AE"
+    assert [(code, qualifier) for code, _, qualifier, _ in ack["reasons"]] == [("400", "ER")]
+    display = ack["reasons"][0][1]
+    assert display.startswith(f"Invalid Request: {rule}: {conformance.RULES[rule]} ("), display
+    assert client.summaries() == []
+    assert client.stats()["rejected_by_code"] == {"400": 1}
+    # The rule, not the patient, was the matter: the intact message for them is taken.
+    assert client.upload(NHS_A)[2]["type"] == "AA"
+
+
 def test_seeded_rejection_carries_420_with_30418(spine):
     client = spine(reject_rates={"30418": 1.0})
     _, _, ack = client.upload(NHS_A)
@@ -440,15 +462,59 @@ def test_seeded_rejection_carries_420_with_30418(spine):
     assert client.stats()["rejected_by_code"] == {"30418": 1}
 
 
-def test_seeded_rejections_follow_the_seed_and_message_id(spine):
-    ids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(40)]
+def test_seeded_rejections_follow_the_seed_and_the_nhs_number(spine):
+    patients = [valid_nhs_number(i) for i in range(40)]
     runs = []
-    for _ in range(2):
-        client = spine(seed=7, reject_rates={"410": 0.5})
-        runs.append([client.upload(valid_nhs_number(i), message_id=m)[2]["type"]
-                     for i, m in enumerate(ids)])
-    assert runs[0] == runs[1]
+    for seed in (7, 7, 8):
+        client = spine(seed=seed, reject_rates={"410": 0.5})
+        runs.append([client.upload(nhs)[2]["type"] for nhs in patients])   # new ids each time
+    assert runs[0] == runs[1], "the same seed rejects the same patients, whatever the message ids"
     assert {"AA", "AE"} == set(runs[0])
+    assert runs[2] != runs[0], "another seed rejects other patients"
+
+
+@pytest.mark.parametrize("code, reasons", [("30418", ["420", "30418"]), ("30312", ["30312"]),
+                                           ("35160", ["35160"])])
+def test_a_patient_rejected_for_who_they_are_is_rejected_again_on_every_resend(spine, code,
+                                                                               reasons):
+    """As at the Spine: dissent recorded there, a patient it does not know, a wrong NHS number do
+    not go away when the message is built again with a new id, nor when it is re-sent with its
+    own."""
+    client = spine(seed=11, reject_rates={code: 0.5})
+    patients = [valid_nhs_number(i) for i in range(16)]
+    first = {nhs: client.upload(nhs)[2] for nhs in patients}
+    rejected = [nhs for nhs, ack in first.items() if ack["type"] == "AE"]
+    accepted = [nhs for nhs in patients if nhs not in rejected]
+    assert rejected and accepted
+    assert all([r[0] for r in first[nhs]["reasons"]] == reasons for nhs in rejected)
+    for _ in range(3):
+        for nhs in rejected:
+            message_id, _, ack = client.upload(nhs)          # rebuilt with a new message id
+            assert ack["type"] == "AE" and [r[0] for r in ack["reasons"]] == reasons, nhs
+            again = make_message(nhs, message_id=message_id)  # the same id re-sent
+            assert read_ack(client.poll(client.send(*again[2:]).headers["content-location"])) \
+                == ack
+    assert sorted(s["nhs_number"] for s in client.summaries()) == sorted(accepted)
+    assert client.stats()["rejected_by_code"] == {code: 4 * len(rejected)}
+
+
+def test_transient_faults_still_vary_per_attempt_for_a_rejected_patient(spine):
+    """The patient's rejection recurs; a SOAP fault does not: the same message posted again can
+    be taken."""
+    client = spine(seed=3, transient_rate=0.5, reject_rates={"30418": 1.0})
+    runs = []
+    for n in range(6):
+        _, _, content_type, body = make_message(NHS_A, message_id=f"00000000-0000-4000-8000-{n:012d}")
+        statuses = [client.send(content_type, body)]
+        while statuses[-1].status_code != 202:
+            assert statuses[-1].status_code == 500 and len(statuses) < 40
+            statuses.append(client.send(content_type, body))
+        ack = read_ack(client.poll(statuses[-1].headers["content-location"]))
+        assert [r[0] for r in ack["reasons"]] == ["420", "30418"]
+        runs.append([answer.status_code for answer in statuses])
+    assert any(run[0] == 500 for run in runs), "a message met a fault and was then taken"
+    assert client.stats()["transient_faults_injected"] == {"500": sum(len(r) - 1 for r in runs)}
+    assert client.summaries() == []
 
 
 # --- transport faults ------------------------------------------------------------------------------
@@ -552,6 +618,31 @@ def test_admin_stats_count_what_happened(spine):
     assert [s["nhs_number"] for s in client.summaries()] == [NHS_A]
 
 
+# --- the Spine's clock ------------------------------------------------------------------------------
+
+def test_the_date_header_follows_the_simulators_clock_and_its_skew(spine, clock):
+    def date_of(answer: httpx.Response) -> float:
+        return parsedate_to_datetime(answer.headers["date"]).timestamp()
+
+    right, ahead = spine(), spine(clock_skew_s=30)
+    assert date_of(right.http.get("/")) == clock.now
+    assert date_of(ahead.http.get("/")) == clock.now + 30
+    clock.advance(3600)
+    assert date_of(ahead.poll("/poll/NO-SUCH-ID")) == clock.now + 30     # a 404 too
+    assert date_of(ahead.send(*make_message(NHS_A)[2:])) == clock.now + 30
+    assert date_of(ahead.login()) == clock.now, "the identity provider's clock is not the Spine's"
+
+
+def test_a_spine_whose_clock_is_ahead_ends_the_session_that_much_sooner(spine, clock):
+    """The identity provider issues the token by its own (right) clock; the Spine judges its
+    expiry by the Spine's clock: 30 s ahead, it refuses the token 30 s before its expiry."""
+    right, ahead = spine(), spine(clock_skew_s=30)
+    clock.advance(10 * 3600 - 20)
+    assert right.send(*make_message(NHS_A)[2:]).status_code == 202
+    refused = ahead.send(*make_message(NHS_A)[2:])
+    assert refused.status_code == 401 and refused.json()["reason"] == "expired"
+
+
 # --- identity module and command line -------------------------------------------------------------
 
 def with_claims(token: str, **changes) -> str:
@@ -636,10 +727,11 @@ def test_fault_switches_parse_into_a_config(tmp_path):
         "--ack-delay-jitter-ms", "10", "--rate-limit", "50", "--transient-rate", "0.1",
         "--gateway-error-rate", "0.05", "--drop-ack-rate", "0.01", "--outage-start", "60",
         "--outage-duration", "30", "--reject", "30418=0.01", "--reject", "420=0",
-        "--unknown-nhs-numbers", str(unknown)])
+        "--unknown-nhs-numbers", str(unknown), "--clock-skew", "-2.5"])
     config = config_from_args(args, USERS)
     assert (config.seed, config.latency_ms, config.rate_limit_tps, config.outage_start_s) == (3, 20, 50, 60)
     assert config.reject_rates == {"30418": 0.01, "420": 0.0}
     assert config.unknown_nhs_numbers == {NHS_A, NHS_B}
+    assert config.clock_skew_s == -2.5
     with pytest.raises(SystemExit):
         parser.parse_args(["--transient-rate", "1.5"])

@@ -12,9 +12,14 @@ that is not the token's, gets 403 on every clinical request. ``GET /`` answers a
 through TLS, so a client can check its connection without sending a clinical message; the
 ``_admin`` endpoints answer loopback clients only.
 
-Fault decisions are seeded by the message id, so a message re-sent with the same id meets the same
-fate, except transient faults and gateway errors, which are drawn per attempt so a retry can succeed.
-Every time is read from ``SimConfig.clock``, so tests move time instead of sleeping (only the injected
+Every GP Summary is checked against the conformance facts the real Spine checks
+(``scr_nb.spine.conformance``), after the simulator's own checks: a breach is an AE 400 naming the
+rule. Seeded rejections (``reject_rates``) and unknown NHS numbers are about the patient, as they
+are at the Spine: they are drawn from the seed and the NHS number, so a patient rejected once is
+rejected on every re-send, new message id or not. What is transient is drawn afresh: SOAP faults and
+gateway errors per attempt (a retry can succeed), dropped acks and ack delays per message id. Every
+time is read from ``SimConfig.clock``, the ``Date`` header included (shifted by ``clock_skew_s``
+for a Spine whose clock is wrong), so tests move time instead of sleeping (only the injected
 latency is a real sleep).
 """
 
@@ -33,6 +38,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote, urlsplit
@@ -45,7 +51,7 @@ from scr_nb import constants
 from scr_nb.errors import OptionError, ScrNbError
 from scr_nb.extract.nhs_number import is_valid
 from scr_nb.sim import identity
-from scr_nb.spine import mime
+from scr_nb.spine import conformance, mime
 from scr_nb.spine.tls import is_loopback
 
 log = logging.getLogger(__name__)
@@ -99,11 +105,12 @@ class SimConfig:
     drop_ack_rate: float = 0.0          # accepted messages whose poll stays 202 forever
     outage_start_s: float | None = None   # seconds after start; every /clinical and poll gets 503
     outage_duration_s: float = 0.0
-    reject_rates: dict[str, float] = field(default_factory=dict)   # code -> fraction rejected
+    reject_rates: dict[str, float] = field(default_factory=dict)   # code -> fraction of patients
     unknown_nhs_numbers: set[str] = field(default_factory=set)     # AE 30312 case not found
     token_secret: bytes | None = None   # random when not given
     poll_location_base: str | None = None   # give poll locations as absolute URLs under this base
     clock: Callable[[], float] = time.time
+    clock_skew_s: float = 0.0           # the Spine's clock runs this far ahead (behind if < 0)
 
     def __post_init__(self) -> None:
         if self.token_secret is None:
@@ -114,6 +121,8 @@ class SimConfig:
                      "poll_retry_after_ms", "outage_duration_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SimConfig.{name} must not be negative")
+        if not math.isfinite(self.clock_skew_s):
+            raise ValueError("SimConfig.clock_skew_s must be a finite number of seconds")
         if self.rate_limit_tps is not None and self.rate_limit_tps <= 0:
             raise ValueError("SimConfig.rate_limit_tps must be positive (or None for no limit)")
         self.reject_rates = {str(code): float(rate) for code, rate in self.reject_rates.items()}
@@ -222,6 +231,7 @@ class SpineSimulator:
         self._runner: web.AppRunner | None = None
         self.url: str | None = None
         self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._guard])
+        self.app.on_response_prepare.append(self._stamp_date)
         self.app.add_routes([
             web.get("/", self._root),
             web.post("/identity/session", self._session),
@@ -266,7 +276,21 @@ class SpineSimulator:
         return [{"nhs_number": nhs, "gp_summary_id": s.gp_summary_id, "message_id": s.message_id,
                  "accepted_at": s.accepted_at} for nhs, s in held]
 
+    def now(self) -> float:
+        """The Spine's clock: the injected clock plus ``clock_skew_s``. Its Date headers, acks and
+        token expiry follow it; the identity provider issues tokens by the injected clock alone,
+        since the identity service's clock is not the Spine's."""
+        return self._clock() + self.config.clock_skew_s
+
     # --- handlers ----------------------------------------------------------------------------------
+
+    async def _stamp_date(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Every answer's Date from the simulator's clock, not the host's (aiohttp would write
+        the host's), so a test can give the Spine a skewed or moved clock. The identity
+        provider's answers carry its own, unskewed, time."""
+        identity_provider = request.path.startswith("/identity/")
+        when = self._clock() if identity_provider else self.now()
+        response.headers["Date"] = formatdate(when, usegmt=True)
 
     @web.middleware
     async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
@@ -321,7 +345,7 @@ class SpineSimulator:
                               "Content-Type must be multipart/related with a boundary", "Client")
 
         parts = mime.parse_related(await request.read(), content_type)
-        message_id, header_problem, sender_party = self._read_header(parts)
+        message_id, header_problem, header = self._read_header(parts)
         fault = self._injected_fault(message_id)
         if fault is not None:
             return fault
@@ -334,7 +358,7 @@ class SpineSimulator:
             self._count("duplicates")
             self._messages[message_id].dropped = False
             return self._accepted(message_id)
-        self._decide(message_id, parts)
+        self._decide(message_id, parts, header)
         return self._accepted(message_id)
 
     async def _poll(self, request: web.Request) -> web.Response:
@@ -388,7 +412,7 @@ class SpineSimulator:
         if scheme.lower() != "bearer" or not token.strip():
             self._count("unauthorized")
             return _json_error(401, "no session token: send Authorization: Bearer <token>")
-        token, now = token.strip(), self._clock()
+        token, now = token.strip(), self.now()   # the Spine's clock judges expiry
         claims = self._verified.get(token)
         try:
             if claims is None or now >= claims["exp"]:
@@ -401,20 +425,19 @@ class SpineSimulator:
             self._count("unauthorized")
             return _json_error(401, str(exc), reason=exc.reason)
 
-    def _read_header(self, parts: list[mime.Part]) -> tuple[str, str | None, str]:
-        """(MessageId, problem or None, sender's party id) from the ebXML header part."""
+    def _read_header(self, parts: list[mime.Part]) -> tuple[str, str | None, etree._Element | None]:
+        """(MessageId, problem or None, the parsed ebXML header or None) from the header part."""
         if not parts or not parts[0].body.strip():
-            return "", "the message has no ebXML header part", ""
+            return "", "the message has no ebXML header part", None
         try:
             root = etree.fromstring(parts[0].body.lstrip(), self._parser)
         except etree.XMLSyntaxError as exc:
-            return "", f"the ebXML header is not well-formed XML ({exc})", ""
+            return "", f"the ebXML header is not well-formed XML ({exc})", None
         found = root.find(f".//{EB}MessageHeader/{EB}MessageData/{EB}MessageId")
         message_id = (found.text or "").strip() if found is not None else ""
         if not message_id:
-            return "", "the ebXML header has no eb:MessageHeader/eb:MessageData/eb:MessageId", ""
-        party = root.findtext(f".//{EB}MessageHeader/{EB}From/{EB}PartyId") or ""
-        return message_id, None, party.strip()
+            return "", "the ebXML header has no eb:MessageHeader/eb:MessageData/eb:MessageId", None
+        return message_id, None, root
 
     def _injected_fault(self, message_id: str) -> web.Response | None:
         """Outage, rate limit, transient SOAP fault or gateway error for this attempt, if any."""
@@ -446,8 +469,9 @@ class SpineSimulator:
                 return web.Response(status=status)
         return None
 
-    def _decide(self, message_id: str, parts: list[mime.Part]) -> None:
-        """Validate the HL7 part, decide the outcome now, and keep it (and any accepted summary)."""
+    def _decide(self, message_id: str, parts: list[mime.Part], header: etree._Element) -> None:
+        """Validate the message (the simulator's checks, then the conformance facts of the header
+        and the HL7 part), decide the outcome now, and keep it (and any accepted summary)."""
         config, now = self.config, self._clock()
         sender_asid = ""
         summary: tuple[str, str] | None = None
@@ -456,9 +480,13 @@ class SpineSimulator:
             sender_asid = _attribute(hl7, f"{HL7}communicationFunctionSnd/{HL7}device/{HL7}id",
                                      "extension") or ""
             nhs_number, gp_summary_id, prior_id = _read_gp_summary(hl7, message_id)
+            breaches = conformance.check_header(header) + conformance.check_payload(hl7)
+            if breaches:
+                raise _Rejected(*(_reason("400", f"Invalid Request: {breach.describe()}")
+                                  for breach in breaches))
             if nhs_number in config.unknown_nhs_numbers:
                 raise _Rejected(_reason("30312"))
-            code = self._seeded_rejection(message_id)
+            code = self._seeded_rejection(nhs_number)
             if code is not None:
                 raise _Rejected(*(_reason(c) for c in CARRIED_WITH.get(code, (code,))))
             current = self._summaries.get(nhs_number)
@@ -483,7 +511,8 @@ class SpineSimulator:
                 nhs_number, gp_summary_id = summary
                 if nhs_number in self._summaries:
                     self._counts["replacements"] += 1
-                self._summaries[nhs_number] = _Summary(gp_summary_id, message_id, identity.iso_utc(now))
+                self._summaries[nhs_number] = _Summary(gp_summary_id, message_id,
+                                                       identity.iso_utc(self.now()))
                 self._counts["accepted"] += 1
             else:
                 code = _most_specific(reasons)
@@ -502,11 +531,15 @@ class SpineSimulator:
         except etree.XMLSyntaxError as exc:
             raise _invalid(f"the HL7 payload is not well-formed XML ({exc})") from None
 
-    def _seeded_rejection(self, message_id: str) -> str | None:
+    def _seeded_rejection(self, nhs_number: str) -> str | None:
+        """The code this patient is rejected with, if any. Drawn once per patient from the seed
+        and the NHS number, never from the message: dissent on the Spine (30418), an unknown
+        patient (30312), a wrong NHS number (35160) do not go away when the message is sent
+        again, so re-sending, with a new message id or the same, meets the same answer."""
         rates = self.config.reject_rates
         if not rates:
             return None
-        draw = random.Random(f"{self.config.seed}:{message_id}:reject").random()
+        draw = random.Random(f"{self.config.seed}:{nhs_number}:reject").random()
         total = 0.0
         for code, rate in rates.items():
             total += rate
@@ -517,7 +550,7 @@ class SpineSimulator:
     def _ack(self, message: _Message) -> tuple[str, bytes]:
         """The ebXML MIME application ack (MCCI_IN010000UK13) for a message, shaped like the samples."""
         ack_id = str(uuid.uuid5(ACK_ID_NAMESPACE, message.message_id)).upper()
-        now = self._clock()
+        now = self.now()
         timestamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         creation = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
         sent_id = _attr(message.message_id)
@@ -851,10 +884,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--outage-duration", type=_non_negative, default=0.0, metavar="SECONDS",
                        help="how long the outage lasts")
     group.add_argument("--reject", type=_code_rate, action="append", default=[], metavar="CODE=RATE",
-                       help="reject this fraction of valid messages with this code, e.g. 30418=0.01 "
-                            "(repeatable)")
+                       help="reject this fraction of patients with this code, e.g. 30418=0.01 "
+                            "(repeatable); a rejected patient is rejected on every re-send")
     group.add_argument("--unknown-nhs-numbers", default=None, metavar="FILE",
                        help="NHS numbers (one a line) answered AE 30312 case not found")
+    group.add_argument("--clock-skew", type=_number, default=0.0, metavar="SECONDS",
+                       help="the simulated Spine's clock runs this far ahead of the host's "
+                            "(negative: behind): its Date headers and its token expiry checks")
 
 
 def config_from_args(args: argparse.Namespace, users: list[dict]) -> SimConfig:
@@ -880,7 +916,8 @@ def config_from_args(args: argparse.Namespace, users: list[dict]) -> SimConfig:
         rate_limit_tps=args.rate_limit, rate_limit_burst=args.rate_limit_burst,
         transient_rate=args.transient_rate, gateway_error_rate=args.gateway_error_rate,
         drop_ack_rate=args.drop_ack_rate, outage_start_s=args.outage_start,
-        outage_duration_s=args.outage_duration, reject_rates=rates, unknown_nhs_numbers=unknown)
+        outage_duration_s=args.outage_duration, reject_rates=rates, unknown_nhs_numbers=unknown,
+        clock_skew_s=args.clock_skew)
 
 
 def _fraction(text: str) -> float:
