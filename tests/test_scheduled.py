@@ -39,7 +39,9 @@ def test_a_scheduled_run_uploads_everyone_and_files_its_report(practice, tmp_pat
     assert set(held(spine)) == eligible_numbers(practice, today)
     folder = the_report(tmp_path)
     html = (folder / "scheduled_upload.html").read_text(encoding="utf-8")
-    assert "Sent: " in html and "data:image/png;base64," in html
+    assert "Completion statistics" in html and "data:image/png;base64," in html
+    assert "Synthetic practice A12345 (ODS A12345)" in html and "Dr Alex Morgan" in html
+    assert "Completed" in html
     assert "run_from_parameters" not in html          # inputs hidden
     assert not NHS_NUMBER.search(IMAGE_DATA.sub("", html))
     assert (folder / "scheduled_upload.ipynb").exists()
@@ -52,7 +54,8 @@ def test_a_refused_scheduled_run_exits_3_and_still_leaves_its_report(practice, t
     assert scheduled(practice, tmp_path, spine, session, "--stop-at", "2099-01-01T00:00") == 3
     assert spine.simulator.stats()["requests"] == 0
     html = (the_report(tmp_path) / "scheduled_upload.html").read_text(encoding="utf-8")
-    assert "B0062" in html and "refused" in html
+    assert "B0062" in html and "This run was refused and sent nothing." in html
+    assert "<img" not in html and "No charts: this run sent nothing" in html
 
 
 def test_sigterm_stops_a_scheduled_run_cleanly_and_it_still_files_its_report(

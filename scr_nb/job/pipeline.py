@@ -252,7 +252,8 @@ class Pipeline:
         client = self.engine.client_factory(
             self.engine.spine_url, self.engine.session, asid=self.options.sender_asid,
             rate_limiter=limiter, concurrency=self.options.concurrency,
-            retry_window=self.options.retry_window, now=self.clock.now, tls=self.engine.tls,
+            retry_window=self.options.retry_window, ack_timeout=self.options.ack_timeout,
+            now=self.clock.now, tls=self.engine.tls,
             monotonic=self.clock.monotonic, sleep=self.clock.sleep,
             on_attempt=self.record_attempt, may_send=self.may_send)
         self.client = client

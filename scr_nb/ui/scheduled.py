@@ -64,20 +64,63 @@ def run_from_parameters(*, practice: str, store: str, spine: str, session: str, 
     return outcome
 
 
-def plot_outcome(store: str):
+def header_html(outcome: Outcome, *, practice: str, store: str, mode: str,
+                session: str = "", started: datetime | None = None) -> str:
+    """The top of a scheduled run's report: the practice by name and ODS code, the store, the
+    mode, the user and the times, and, for a refused run, that it was refused and sent nothing."""
+    from html import escape
+
+    from scr_nb.errors import ScrNbError
+    from scr_nb.extract.reader import load_details
+    from scr_nb.spine import session as sessions
+    from scr_nb.store.words import MODE_WORDS, job_words, words
+
+    try:
+        details = load_details(practice)
+        who = f"{details.name or 'not named'} (ODS {details.ods_code or 'not given'})"
+    except ScrNbError:
+        who = "the extract's practice.json cannot be read"
+    try:
+        user = sessions.load(session)
+        user_words = f"{user.name} ({user.user_id})"
+    except (ScrNbError, OSError, ValueError):
+        user_words = "no usable session"
+    job = outcome.job or {}
+    rows = [("Practice", who), ("Store", store), ("Mode", words(mode, MODE_WORDS)),
+            ("User", user_words),
+            ("Started", (job.get("started_at") or (started.isoformat(timespec="seconds")
+                                                   if started else ""))[:19].replace("T", " ")),
+            ("Ended", (job.get("ended_at") or "")[:19].replace("T", " ") or "\u2013"),
+            ("Outcome", job_words(job["status"], job.get("reason")) if job
+             else "refused: nothing was sent" if outcome.refused else outcome.message)]
+    table = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{escape(k)}</th>"
+                    f"<td>{escape(str(v))}</td></tr>" for k, v in rows)
+    banner = ""
+    if outcome.refused or outcome.job is None:
+        banner = ("<p style='background:#fff4e5;border-left:4px solid #ed8b00;padding:6px 10px'>"
+                  f"<b>This run was refused and sent nothing.</b> {escape(outcome.message)}</p>")
+    return f"<h2>Scheduled upload</h2><table>{table}</table>{banner}"
+
+
+def plot_outcome(store: str, outcome: Outcome | None = None):
     """The analysts' charts for this store (the same functions as the HTML report and the
-    monitor notebook): success rate per job, throughput, ack latency, failures by code."""
+    monitor notebook): success rate per job, throughput, ack latency, failures by code. None when
+    this run sent nothing (a refused run), so older jobs' charts are never shown as this run's."""
     import matplotlib.pyplot as plt
 
     from scr_nb.reporting import charts, frames
 
     if not store or not Path(store).exists():
         return None
+    if outcome is not None and outcome.job is None:
+        return None
     figure, axes = plt.subplots(2, 2, figsize=(12, 7.5))
     charts.plot_success_rate(axes[0][0], frames.jobs(store))
     charts.plot_throughput(axes[0][1], frames.throughput(store, freq="auto"))
     charts.plot_ack_latency(axes[1][0], frames.ack_latency_percentiles(store))
     charts.plot_failures_by_code(axes[1][1], frames.failures_by_code(store))
+    if outcome is not None:
+        figure.suptitle(f"Every job on this store; this run is job #{outcome.job['id']}")
     figure.tight_layout()
     return figure
 
