@@ -148,9 +148,10 @@ def _browser(playwright):
 
 @pytest.mark.kernel
 def test_the_report_and_the_monitor_read_on_a_laptop_screen(uploaded, tmp_path):
-    """The HTML report and the monitor notebook (executed and exported as the scheduler files it)
-    opened at 1280 pixels wide: nothing runs off the side, the practice is named, and screenshots
-    are kept under reports/test-artifacts/ to be read by eye."""
+    """The HTML report, the monitor and the support desk (executed and exported as the scheduler
+    files them) opened at 1280 pixels wide: nothing runs off the side of the report and the
+    monitor, the practice is named, the desk's next steps and filter show, and screenshots are
+    kept under reports/test-artifacts/ to be read by eye."""
     import nbformat
     import papermill
     from nbconvert import HTMLExporter
@@ -163,11 +164,16 @@ def test_the_report_and_the_monitor_read_on_a_laptop_screen(uploaded, tmp_path):
     papermill.execute_notebook(str(ROOT / "notebooks" / "monitor.ipynb"), str(executed),
                                parameters={"stores": [str(uploaded)]}, kernel_name="python3",
                                progress_bar=False)
+    desk_run = tmp_path / "desk.ipynb"
+    papermill.execute_notebook(str(ROOT / "notebooks" / "investigate_errors.ipynb"),
+                               str(desk_run), parameters={"store": str(uploaded)},
+                               kernel_name="python3", progress_bar=False)
     exporter = HTMLExporter()
     exporter.exclude_input = True
-    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
-    monitor = tmp_path / "monitor.html"
-    monitor.write_text(body, encoding="utf-8")
+    monitor, desk = tmp_path / "monitor.html", tmp_path / "desk.html"
+    for source, page in ((executed, monitor), (desk_run, desk)):
+        body, _ = exporter.from_notebook_node(nbformat.read(source, as_version=4))
+        page.write_text(body, encoding="utf-8")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = _browser(playwright)
@@ -178,5 +184,9 @@ def test_the_report_and_the_monitor_read_on_a_laptop_screen(uploaded, tmp_path):
                 assert page.evaluate("document.documentElement.scrollWidth") <= 1280, shot
                 assert page.get_by_text("Synthetic practice A12345 (A12345)").first.is_visible()
                 page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
+            page.goto(desk.as_uri())
+            assert page.get_by_text(re.compile("Next: ")).first.is_visible()
+            assert page.get_by_text(re.compile(r"^Filter")).first.is_visible()   # in the export
+            page.screenshot(path=str(ARTIFACTS / "support-desk.png"), full_page=True)
         finally:
             browser.close()
