@@ -9,6 +9,7 @@ practice's store while its upload runs is safe. Only ``mark_resolved`` (a kit gr
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import date, datetime, time, timedelta
@@ -109,7 +110,8 @@ def overview(store: StoreLike) -> str:
     lines = [f"{sum(codes.values())} failed patients in {name}:"]
     for code, n in codes.items():
         lines += [f"  {code}: {n} ({explain(code)}; {category(code)})",
-                  f"      Next: {next_step(code)}"]
+                  textwrap.fill(f"Next: {next_step(code)}", width=96, initial_indent="      ",
+                                subsequent_indent="            ")]
     return "\n".join(lines)
 
 
