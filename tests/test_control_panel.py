@@ -179,3 +179,25 @@ def test_cancel_asks_first_and_bad_options_start_nothing(practice, tmp_path, spi
     panel.check_button.click()
     assert "Ready: every check passed." in panel.checks.value
     panel.close()
+
+
+def test_scr_nb_stop_reaches_a_job_started_from_a_panel(practice, tmp_path, spine_factory):
+    import subprocess
+    import sys
+
+    from scr_nb.spine import session as sessions
+
+    spine = spine_factory(rate_limit_tps=40, rate_limit_burst=1)
+    session_file = tmp_path / "session.json"
+    sessions.save(sessions.login(spine.url, ADMIN["user_id"], ADMIN["passcode"]), session_file)
+    panel = panel_for(practice, tmp_path, spine, str(session_file))
+    panel.mode_buttons["Run"].click()
+    panel.ok.click()
+    time.sleep(1.0)
+    stopped = subprocess.run([sys.executable, "-m", "scr_nb", "stop", "--store",
+                              str(tmp_path / "practice.sqlite")], capture_output=True, text=True,
+                             timeout=60)
+    assert stopped.returncode == 0, stopped.stderr
+    wait(panel)
+    assert panel.outcome.job["status"] == "paused" and panel.outcome.exit_code == 4
+    panel.close()
