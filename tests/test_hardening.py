@@ -147,3 +147,20 @@ def test_no_request_goes_out_on_a_dying_session(tmp_path, spine_factory, practic
                            ADMIN["user_id"], ADMIN["passcode"])
     with pytest.raises(RefusedError, match="inside the safety margin"):
         job(tmp_path / "x", dying, spine, practice, "run")
+
+
+def test_every_log_line_carries_the_keys_spec_8_pins(tmp_path, spine, admin_session, practice):
+    control = JobControl()
+    job(tmp_path, admin_session, spine, practice, "run", control=control,
+        on_progress=lambda p: p.acknowledged >= 10 and control.stop())
+    with pytest.raises(RefusedError):
+        job(tmp_path, admin_session, spine, practice, "run")
+    job(tmp_path, admin_session, spine, practice, "resume")
+    lines = list(PracticeLog(tmp_path / "practice.sqlite").read())
+    assert {"job_start", "stop", "job_end", "refused"} <= {line["event"] for line in lines}
+    for line in lines:
+        assert {"at", "event", "user_id"} <= set(line), line
+        if line["event"] in ("job_start", "job_end", "stop", "pause", "resume", "cancel"):
+            assert "job_id" in line, line
+        if line["event"] in ("stop", "pause", "resume"):
+            assert line.get("reason"), line

@@ -560,6 +560,7 @@ class Pipeline:
                 # Never take another message's ack as this one's: the poll goes on until the
                 # ack timeout, and the patient then fails with a reason support can see.
                 self.engine.log.write("ack_mismatch", job_id=self.job.id, message_id=message_id,
+                                      user_id=self.engine.session.user_id,
                                       message_ref=ack.message_ref)
                 wait = max(0.05, result.retry_after or 1.0)
                 continue
