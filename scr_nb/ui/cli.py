@@ -135,16 +135,15 @@ def cmd_eligibility(args: argparse.Namespace) -> int:
     Example: scr-nb eligibility --practice practice/ --json
     """
     from scr_nb.clock import SystemClock
-    from scr_nb.extract.eligibility import Policy, decide, summarise
-    from scr_nb.extract.reader import load_practice
+    from scr_nb.extract.columnar import dry_run
+    from scr_nb.extract.eligibility import Policy
 
     today = SystemClock().today()
     try:
-        practice = load_practice(args.practice, today=today)
+        summary = dry_run(args.practice, Policy(today=today, dissent=args.dissent))
     except ExtractError as err:
         print(f"scr-nb eligibility: {err}", file=sys.stderr)
         return EXIT_REFUSED
-    summary = summarise(decide(practice, Policy(today=today, dissent=args.dissent)))
     if args.json:
         _print_json(summary)
     else:
