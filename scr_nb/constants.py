@@ -1,7 +1,7 @@
 """Facts from the NHS world, each with where it comes from, so a reader can check them.
 
-"samples" means the real Spine messages in ``shared/reference/spine/`` (from the public
-NHSDigital/summary-care-record-api repository); "SPEC" means ``shared/SPEC.md``; "MIM" the NHS MIM
+"samples" means the real Spine messages of the public NHSDigital/summary-care-record-api repository
+(third-party data, kept beside the project in ``../shared/reference/spine/``, never in it); "SPEC" means ``shared/SPEC.md``; "MIM" the NHS MIM
 7.2.02 schemas and examples; "Spine rules" the Spine's validation stylesheets.
 """
 
