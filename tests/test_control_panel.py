@@ -14,6 +14,15 @@ def wait(panel, timeout=60):
     assert not panel.thread.is_alive() and not panel.running
 
 
+def logged_in(spine, tmp_path):
+    """The administrator's session file for ``spine``."""
+    from scr_nb.spine import session as sessions
+
+    path = tmp_path / "session.json"
+    sessions.save(sessions.login(spine.url, ADMIN["user_id"], ADMIN["passcode"]), path)
+    return path
+
+
 def panel_for(practice, tmp_path, spine, session=""):
     return ControlPanel(str(practice), str(tmp_path / "practice.sqlite"), spine.url, session)
 
@@ -45,11 +54,8 @@ def test_log_in_run_ok_and_the_buttons_follow_the_state(practice, tmp_path, spin
 
 
 def test_stop_mid_run_then_resume(practice, tmp_path, spine_factory, admin_session, today):
-    from scr_nb.spine import session as sessions
-
     spine = spine_factory(rate_limit_tps=60, rate_limit_burst=1)
-    session_file = tmp_path / "session.json"
-    sessions.save(sessions.login(spine.url, ADMIN["user_id"], ADMIN["passcode"]), session_file)
+    session_file = logged_in(spine, tmp_path)
     panel = panel_for(practice, tmp_path, spine, str(session_file))
     panel.mode_buttons["Run"].click()
     panel.rate_limit.value = 60
@@ -117,11 +123,8 @@ def test_a_panel_opened_while_a_job_runs_elsewhere_shows_it_and_stops_it(
         practice, tmp_path, spine_factory, today):
     """The job runs in another panel (standing in for another kernel or machine); a second panel
     opened later sees it running, its counters moving, and stops it through the store."""
-    from scr_nb.spine import session as sessions
-
     spine = spine_factory(rate_limit_tps=50, rate_limit_burst=1)
-    session_file = tmp_path / "session.json"
-    sessions.save(sessions.login(spine.url, ADMIN["user_id"], ADMIN["passcode"]), session_file)
+    session_file = logged_in(spine, tmp_path)
     first = panel_for(practice, tmp_path, spine, str(session_file))
     first.mode_buttons["Run"].click()
     first.ok.click()
@@ -185,11 +188,8 @@ def test_scr_nb_stop_reaches_a_job_started_from_a_panel(practice, tmp_path, spin
     import subprocess
     import sys
 
-    from scr_nb.spine import session as sessions
-
     spine = spine_factory(rate_limit_tps=40, rate_limit_burst=1)
-    session_file = tmp_path / "session.json"
-    sessions.save(sessions.login(spine.url, ADMIN["user_id"], ADMIN["passcode"]), session_file)
+    session_file = logged_in(spine, tmp_path)
     panel = panel_for(practice, tmp_path, spine, str(session_file))
     panel.mode_buttons["Run"].click()
     panel.ok.click()

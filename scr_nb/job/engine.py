@@ -77,12 +77,6 @@ class Engine:
                                   d.patient.row, d.reason, d.dissent) for d in decisions)
         return {d.key: d for d in decisions}
 
-    def prepare(self, options: JobOptions) -> tuple[Practice, dict[str, Decision]]:
-        """Read the extract, decide eligibility, bring the store in line. Sends nothing."""
-        practice, decisions = self.read_extract(options)
-        self.store.sync_extract_groups(practice.groups)
-        return practice, self.sync(decisions)
-
     @contextmanager
     def _refusals_logged(self, options: JobOptions) -> Iterator[None]:
         """Every refusal, whatever refused (the session, the lock, the schedule, the extract, the

@@ -18,7 +18,6 @@ from scr_nb.job.options import JobOptions, Progress, describe_duration
 from scr_nb.job.watcher import Phase, Step, next_step, sending_allowed, starts_waiting
 from scr_nb.spine.acks import Ack
 from scr_nb.spine.client import (
-    POLL_LOCATION_REFUSED,
     Attempt,
     RateLimiter,
     SendHeld,
@@ -32,10 +31,6 @@ from scr_nb.store.states import JobStatus, Mode, PatientState, StopReason, count
 if TYPE_CHECKING:
     from scr_nb.job.engine import Engine
 
-# Failures after which the Spine may still hold the message (constants.UNCERTAIN_FAILURES): a send
-# whose transient failures never cleared (a timed-out POST may have been taken), and anything after
-# the Spine's 202. Failed re-sends these with their original id and rebuilds every other failure.
-assert POLL_LOCATION_REFUSED in UNCERTAIN_FAILURES
 # What stops a job without failing anyone: the Spine's 403, and a TLS failure (SPEC 6.3, 6.5).
 STOPPING_ERRORS = {AccessDenied: StopReason.ACCESS_DENIED, TlsFailure: StopReason.TLS_FAILURE}
 FLUSH_SECONDS = 0.25

@@ -38,12 +38,11 @@ from scr_nb.reporting.charts import (
 )
 from scr_nb.store import queries
 from scr_nb.store.practice_store import Store
-from scr_nb.store.words import MODE_WORDS, NOT_REQUIRED_WORDS, job_words, words
+from scr_nb.store.words import (
+    MISSING, MODE_WORDS, NOT_REQUIRED_WORDS, VISION_COUNTERS, job_words, words,
+)
 
 FAILED_PATIENTS_SHOWN = 200   # the report lists at most this many failed patients
-# Vision's completion screen, in its order, with the keys of Store.status()["counters"].
-VISION_COUNTERS = (("Unprocessed", "unprocessed"), ("Sending", "sending"), ("Sent", "sent"),
-                   ("Failed", "failed"), ("Not Required", "not_required"))
 
 
 # --- the HTML report ------------------------------------------------------------------------------
@@ -69,7 +68,6 @@ class Table(NamedTuple):
     rows: list[list[object]]
 
 
-MISSING = "\u2013"     # one marker for every missing value (an en dash)
 _TEMPLATES = Environment(loader=PackageLoader("scr_nb.reporting", "templates"),
                          autoescape=select_autoescape(["html", "j2"]), trim_blocks=True,
                          lstrip_blocks=True, undefined=StrictUndefined)

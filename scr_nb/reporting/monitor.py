@@ -22,9 +22,8 @@ from matplotlib.figure import Figure
 
 from scr_nb.constants import next_step
 from scr_nb.reporting import frames
-from scr_nb.store.words import MODE_WORDS, NOT_REQUIRED_WORDS, job_words, words
+from scr_nb.store.words import MISSING, MODE_WORDS, NOT_REQUIRED_WORDS, job_words, words
 
-MISSING = "\u2013"          # the one marker for a missing value, as in the HTML report
 SMALL_MULTIPLES = 12        # at most this many practices get a throughput chart of their own
 SUPPORT_DESK = "investigate_errors.ipynb"
 

@@ -3,6 +3,11 @@ show an administrator instead of snake_case (Vision's words where Vision had the
 
 from __future__ import annotations
 
+# Vision's completion screen, in its order, with the keys of the store's status()["counters"].
+VISION_COUNTERS = (("Unprocessed", "unprocessed"), ("Sending", "sending"), ("Sent", "sent"),
+                   ("Failed", "failed"), ("Not Required", "not_required"))
+MISSING = "\u2013"     # the one marker for a missing value in every table people read (an en dash)
+
 MODE_WORDS = {"run": "Run", "resume": "Resume", "rerun": "Rerun", "failed": "Failed"}
 
 STATUS_WORDS = {
@@ -52,4 +57,4 @@ def job_words(status: str, reason: str | None) -> str:
     return f"{said}: {words(reason, REASON_WORDS)}" if reason else said
 
 
-__all__ = ["MODE_WORDS", "NOT_REQUIRED_WORDS", "REASON_WORDS", "STATUS_WORDS", "job_words", "words"]
+__all__ = ["MISSING", "VISION_COUNTERS", "MODE_WORDS", "NOT_REQUIRED_WORDS", "REASON_WORDS", "STATUS_WORDS", "job_words", "words"]

@@ -33,13 +33,11 @@ from scr_nb.spine.tls import TlsSettings
 from scr_nb.store.practice_store import Store
 from scr_nb.store.schema import DatabaseError
 from scr_nb.store.states import Mode
-from scr_nb.store.words import MODE_WORDS, NOT_REQUIRED_WORDS, job_words, words
+from scr_nb.store.words import MODE_WORDS, NOT_REQUIRED_WORDS, VISION_COUNTERS, job_words, words
 
 MODES = (("Run", Mode.RUN), ("Resume", Mode.RESUME), ("Rerun", Mode.RERUN),
          ("Failed", Mode.FAILED))
 WHOLE_LIST = "Whole list"
-VISION_COUNTERS = (("Unprocessed", "unprocessed"), ("Sending", "sending"), ("Sent", "sent"),
-                   ("Failed", "failed"), ("Not Required", "not_required"))
 REFRESH_SECONDS = 1.0
 WIDE = w.Layout(width="auto")
 LABELS = {"description_width": "initial"}     # labels are never cut off
