@@ -22,7 +22,9 @@ from matplotlib.figure import Figure
 
 from scr_nb.constants import next_step
 from scr_nb.reporting import frames
-from scr_nb.store.words import MISSING, MODE_WORDS, NOT_REQUIRED_WORDS, job_words, words
+from scr_nb.store.words import (
+    MISSING, VISION_COUNTERS, MODE_WORDS, NOT_REQUIRED_WORDS, job_words, words,
+)
 
 SMALL_MULTIPLES = 12        # at most this many practices get a throughput chart of their own
 SUPPORT_DESK = "investigate_errors.ipynb"
@@ -87,6 +89,27 @@ def jobs_table(jobs: pd.DataFrame) -> pd.DataFrame:
                             "started": "Started", "to_send": "To send",
                             "acknowledged": "Acknowledged", "failed": "Failed",
                             "success": "Success rate"})
+
+
+def completion_table(completion: pd.DataFrame) -> pd.DataFrame:
+    """Vision's five counters per practice, with patients and eligible patients."""
+    return readable(completion, {"practice": "Practice", "patients": "Patients",
+                                 "eligible": "Eligible", **{key: label for label, key in
+                                                           VISION_COUNTERS}})
+
+
+def latency_table(percentiles: pd.DataFrame) -> pd.DataFrame:
+    """Ack latency per job in seconds: how many acks, p50, p90, p99 and the longest."""
+    return readable(percentiles.round(3), {"practice": "Practice", "job_id": "Job",
+                                           "acks": "Acks", "p50": "p50 (s)", "p90": "p90 (s)",
+                                           "p99": "p99 (s)", "max": "max (s)"})
+
+
+def failures_by_job_table(by_job: pd.DataFrame) -> pd.DataFrame:
+    """The failures each job met, by code, including those a later job resolved."""
+    shown = by_job.assign(mode=by_job["mode"].map(lambda m: words(m, MODE_WORDS)))
+    return readable(shown, {"practice": "Practice", "job_id": "Job", "mode": "Mode",
+                            "code": "Code", "words": "Plain words", "failed": "Failed"})
 
 
 def not_required_by_practice(not_required: pd.DataFrame) -> pd.DataFrame:
@@ -221,5 +244,6 @@ class Monitor(widgets.VBox):
         self.output.value = "".join(parts)
 
 
-__all__ = ["Filters", "MISSING", "Monitor", "csv_link", "errors_table", "jobs_table",
+__all__ = ["Filters", "MISSING", "Monitor", "completion_table", "csv_link", "errors_table",
+           "failures_by_job_table", "jobs_table", "latency_table",
            "not_required_by_practice", "readable", "show", "throughput_by_practice"]

@@ -332,8 +332,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from scr_nb.store.words import job_words
 
     if not Path(args.store).exists():
-        print(f"scr-nb stop: {args.store}: no such store", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"scr-nb stop: {args.store}: no such store, so no upload is running on it: nothing "
+              "to stop.", file=sys.stderr)
+        return EXIT_REFUSED
     request = "cancel" if args.cancel else "close" if args.close else "stop"
     user_id, user_name = _who(args)
     store = Store(args.store)
