@@ -311,6 +311,75 @@ def test_request_timeout_is_the_longest_one_request_may_take():
     assert attempts[1].status == 202
 
 
+# --- pace and connections ---------------------------------------------------------------------------
+
+def test_an_unlimited_client_sends_unpaced_until_a_429_then_at_a_pace_under_its_rate():
+    async def scenario():
+        async with Scripted(*[accepted()] * 20, answer(429, **{"Retry-After": "40"}),
+                            accepted()) as spine:
+            fake = FakeTime()
+            async with client_for(spine.url, fake) as client:
+                for _ in range(20):
+                    await client.send(MESSAGE)
+                    fake.now += 0.01             # 100 POSTs a second
+                unpaced = list(fake.waits)
+                for _ in range(5):
+                    await client.send(MESSAGE)
+                return unpaced, fake.waits[len(unpaced):], client.pacer.pace()
+
+    unpaced, waits, pace = run(scenario)
+    assert unpaced == []
+    assert pace == pytest.approx(0.9 * 21 / 0.2, rel=0.01), "21 POSTs in the 0.2 s before the 429"
+    assert waits[0] == pytest.approx(0.04), "the Spine's Retry-After, in milliseconds"
+    assert all(wait == pytest.approx(1 / pace, rel=0.01) for wait in waits[2:]), waits
+
+
+def test_a_429_to_a_poll_holds_the_posts_for_its_retry_after():
+    async def scenario():
+        async with Scripted(answer(429, **{"Retry-After": "2000"}), accepted()) as spine:
+            fake = FakeTime()
+            async with client_for(spine.url, fake) as client:
+                pending = await client.poll(f"{spine.url}/poll/1", MESSAGE_ID)
+                await client.send(MESSAGE)
+            return pending, fake.waits
+
+    pending, waits = run(scenario)
+    assert (pending.ack, pending.status, pending.retry_after) == (None, 429, 2.0)
+    assert waits == [2.0], "the POST waited out the poll's Retry-After"
+
+
+def test_polls_waiting_on_the_spine_never_hold_a_connection_a_post_needs():
+    """More polls hang than the connections all requests used to share (concurrency * 2 + 4):
+    the POST still goes, on a connection of its own; only its answer lets the polls go."""
+    concurrency = 2
+    hanging = concurrency * 2 + 4
+
+    async def scenario():
+        released = asyncio.Event()
+
+        async def hang() -> web.Response:
+            await released.wait()
+            return web.Response(status=202, headers={"Retry-After": "100"})
+
+        def accept_and_release() -> web.Response:
+            released.set()
+            return accepted()()
+
+        async with Scripted(*[lambda: hang()] * hanging, accept_and_release) as spine:
+            async with client_for(spine.url, FakeTime(), concurrency=concurrency) as client:
+                polls = [asyncio.create_task(client.poll(f"{spine.url}/poll/{n}"))
+                         for n in range(hanging)]
+                while len(spine.requests) < hanging:
+                    await asyncio.sleep(0.01)
+                sent = await asyncio.wait_for(client.send(MESSAGE), 10)
+                results = await asyncio.gather(*polls)
+            return sent, results
+
+    sent, results = run(scenario)
+    assert sent.attempts == 1
+    assert [r.status for r in results] == [202] * hanging
+
+
 # --- poll -------------------------------------------------------------------------------------------
 
 def test_poll_pending_then_the_ack():

@@ -18,6 +18,11 @@ source that can be seeded, the Retry-After of each answer read in the unit of wh
 Spine's milliseconds, a gateway's seconds or HTTP-date), and a bounded number of polls per message.
 Every answer's ``Date`` keeps ``clock_offset`` (the Spine's clock minus ours) up to date, so the job
 can stop sending a safe margin before its session ends: ``request_timeout`` plus that offset.
+
+The POSTs go at the pace of ``pacing``: the practice's rate limit when it set one, else a pace
+learnt from the Spine's 429s (none until the first). They have ``concurrency`` connections of their
+own and the polls have theirs, so however many messages wait for their acks, a POST never waits
+for a connection a poll holds.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -45,6 +51,7 @@ from scr_nb.errors import (
 )
 from scr_nb.spine.acks import Ack, parse_ack, parse_soap_fault
 from scr_nb.spine.gp_summary import OutboundMessage
+from scr_nb.spine.pacing import Pacer, RateLimiter
 from scr_nb.spine.session import Session
 from scr_nb.spine.tls import CHECK_TIMEOUT, TlsSettings, check_connection, check_url, origin
 
@@ -106,31 +113,6 @@ class Attempt:
     kind: str               # post | poll
     status: int | None      # None: no HTTP answer (connection error, timeout)
     detail: str
-
-
-class RateLimiter:
-    """A token bucket: at most ``rate`` requests a second, in bursts of at most ``burst``."""
-
-    def __init__(self, rate: float, burst: float | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
-        if rate <= 0:
-            raise ValueError("the rate limit must be above zero")
-        self.rate, self.capacity = rate, burst if burst is not None else max(1.0, rate / 10)
-        self.tokens, self.clock, self.sleep = self.capacity, clock, sleep
-        self.stamp = clock()
-        self._lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        async with self._lock:
-            while True:
-                now = self.clock()
-                self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-                self.stamp = now
-                if self.tokens >= 1:
-                    self.tokens -= 1
-                    return
-                await self.sleep((1 - self.tokens) / self.rate)
 
 
 @dataclass(frozen=True)
@@ -204,6 +186,11 @@ class SpineClient:
     stops sending ``request_timeout + clock_offset`` before the session's expiry (SPEC 7).
     ``rng`` draws the backoff jitter: pass ``random.Random(seed)`` for a repeatable run.
     ``max_polls`` bounds the polls of one message; by default it is ``polls_allowed(ack_timeout)``.
+
+    ``rate_limiter`` paces the POSTs at the practice's rate limit; without one the client paces
+    itself from the Spine's 429s (``pacing.Pacer``), and sends unpaced until the first.
+    ``concurrency`` is the most POSTs in flight: they have that many connections of their own, and
+    the polls theirs, so polls never hold a connection a POST waits for.
     """
 
     def __init__(self, base_url: str, session: Session, *, asid: str,
@@ -226,7 +213,9 @@ class SpineClient:
         self.tls = tls if tls is not None else TlsSettings.from_options()
         self.check_timeout = check_timeout
         self.session, self.asid = session, asid
-        self.rate_limiter, self.now, self.sleep = rate_limiter, now, sleep
+        self.pacer = rate_limiter if rate_limiter is not None else Pacer(clock=monotonic,
+                                                                         sleep=sleep)
+        self.now, self.sleep = now, sleep
         self.monotonic = monotonic
         self.retry_window, self.backoff_base, self.backoff_max = retry_window, backoff_base, backoff_max
         self.rng = rng if rng is not None else random.Random()
@@ -238,16 +227,22 @@ class SpineClient:
         self._polls: dict[str, tuple[int, int, float]] = {}
         self.on_attempt = on_attempt
         self.may_send = may_send
-        self.http = aiohttp.ClientSession(
+        context = self.tls.context()
+        self.post_connections = self._connections(concurrency, context)
+        self.poll_connections = self._connections(concurrency * 2 + 4, context)
+
+    def _connections(self, limit: int, context: ssl.SSLContext) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.request_timeout),
-            connector=aiohttp.TCPConnector(limit=concurrency * 2 + 4, ssl=self.tls.context()))
+            connector=aiohttp.TCPConnector(limit=limit, ssl=context))
 
     async def aclose(self) -> None:
-        await self.http.close()
+        await self.post_connections.close()
+        await self.poll_connections.close()
 
-    async def _request(self, method: str, url: str, headers: dict[str, str],
-                       body: bytes | None = None) -> _Answer:
-        async with self.http.request(method, url, data=body, headers=headers) as response:
+    async def _request(self, http: aiohttp.ClientSession, method: str, url: str,
+                       headers: dict[str, str], body: bytes | None = None) -> _Answer:
+        async with http.request(method, url, data=body, headers=headers) as response:
             answer = _Answer(response.status, response.headers, await response.read())
         self._read_clock(answer)
         return answer
@@ -326,8 +321,9 @@ class SpineClient:
             return
 
     async def send(self, message: OutboundMessage) -> Transmission:
-        """POST until the Spine takes the message (202); transient failures are retried with
-        backoff and the same message id, waiting what a Retry-After asks when there is one.
+        """POST until the Spine takes the message (202), each attempt in a slot of the pacer;
+        transient failures are retried with backoff and the same message id, waiting what a
+        Retry-After asks when there is one, and a 429 slows the pacer for every message.
         Raises SpineError for a permanent refusal, or (retriable, no code: the job calls it
         retries_exhausted) when the next try would fall after the retry window; SessionRejected
         on 401, AccessDenied on 403, TlsFailure when the connection fails for a TLS reason,
@@ -336,8 +332,7 @@ class SpineClient:
         attempt = 0
         while True:
             attempt += 1
-            if self.rate_limiter:
-                await self.rate_limiter.acquire()
+            sent_at = await self.pacer.acquire()
             if self.may_send is not None and not self.may_send():
                 raise SendHeld()
             headers = self._headers()   # checks the session's expiry before every request
@@ -345,8 +340,8 @@ class SpineClient:
             headers["Content-Type"] = message.content_type
             wait: float | None = None
             try:
-                response = await self._request("POST", f"{self.base_url}/clinical", headers,
-                                               message.body)
+                response = await self._request(self.post_connections, "POST",
+                                               f"{self.base_url}/clinical", headers, message.body)
             except (aiohttp.ClientError, asyncio.TimeoutError) as err:
                 self._report(message.message_id, "post", None, f"{type(err).__name__}: {err}")
                 await self._raise_if_tls(err)
@@ -377,6 +372,8 @@ class SpineClient:
                     raise SpineError(f"the Spine refused the message: HTTP {status} {detail}",
                                      retriable=False, status=status, codes=codes)
                 wait = self._retry_after(response, None)   # None: none asked, back off
+                if status == 429:
+                    self.pacer.limited(sent_at, wait)
             if wait is None:
                 wait = self.backoff(attempt)
             elapsed = self.monotonic() - started
@@ -387,10 +384,11 @@ class SpineClient:
             await self.sleep(wait)
 
     async def poll(self, poll_url: str, message_id: str = "") -> PollResult:
-        """One GET of the poll location. Pending (202) and transient answers (429, 500, 502-504,
-        no answer) give a PollResult without an ack and the seconds to wait: the Retry-After when
-        there is one, else a backoff that grows with the failures in a row; never less than
-        MIN_POLL_INTERVAL. Anything else unexpected, an ack that cannot be read, and a poll past
+        """One GET of the poll location, once the Retry-After of the last 429 has passed (a poll
+        takes no slot of the pacer; its 429 slows the POSTs as a POST's would). Pending (202) and
+        transient answers (429, 500, 502-504, no answer) give a PollResult without an ack and the
+        seconds to wait: the Retry-After when there is one, else a backoff that grows with the
+        failures in a row; never less than MIN_POLL_INTERVAL. Anything else unexpected, an ack that cannot be read, and a poll past
         ``max_polls`` raise SpineError with POLL_FAILED or POLL_LIMIT: the Spine holds the
         message, so the pipeline treats them as uncertain."""
         if origin(poll_url) != origin(self.base_url):
@@ -403,10 +401,12 @@ class SpineClient:
             raise SpineError(f"{polls} polls of {poll_url} brought no ack (at most "
                              f"{self.max_polls} are made); the Spine may hold the message",
                              retriable=False, codes=(POLL_LIMIT,))
+        await self.pacer.hold()
         headers = self._headers()
         self._count_poll(poll_url, polls + 1, failures)
+        sent_at = self.monotonic()
         try:
-            response = await self._request("GET", poll_url, headers)
+            response = await self._request(self.poll_connections, "GET", poll_url, headers)
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
             self._report(message_id, "poll", None, f"{type(err).__name__}: {err}")
             await self._raise_if_tls(err)
@@ -430,6 +430,8 @@ class SpineClient:
         if status == 403:
             raise AccessDenied(_forbidden(response.text[:200]))
         if status in TRANSIENT_STATUSES or status == 500:
+            if status == 429:
+                self.pacer.limited(sent_at, self._retry_after(response, None))
             return self._pending(poll_url, response, failed=True)
         self._polls.pop(poll_url, None)
         raise SpineError(f"polling {poll_url} answered HTTP {status}; the Spine may hold the "

@@ -1,0 +1,140 @@
+"""The pace of the POSTs to the Spine (issue 11): how fast the kit sends, when the practice sets a
+rate limit and when it does not.
+
+Without a rate limit the kit sends as fast as its senders allow until the Spine first answers 429.
+From then on it paces itself, as TCP's congestion control does with a window (CUBIC, RFC 9438),
+but over a rate: each 429 takes the pace to 0.9 of the rate the kit was sending at, and the pace
+then climbs back along a cubic curve, steeply at first, flat as it nears the rate that drew the
+429 (so the kit probes the Spine's limit gently, where 429s would come from), and steeply again
+past it (so a limit the kit underestimated, or one the Spine raised, is found within a minute or
+so rather than an hour). Only one decrease is made per round trip: a 429 to a request sent before
+the last decrease says nothing new. A Retry-After on a 429 holds every send until it has passed.
+
+With a rate limit (``RateLimiter``) the pace starts at the limit and never goes above it. Sends
+are spaced evenly (a burst of one, never making up for slots nobody used) and stay a hundredth
+under the limit: a Spine that counts at most L requests in any second, or a token bucket at L, then
+accepts everything the kit sends even when the transit delays some sends by a few milliseconds
+more than others. A 429 slows a limited kit too: the Spine allows less than the practice thought.
+
+Only POSTs take a slot. A poll is paced by its own Retry-After and by the pace of the POSTs that
+make polls necessary; the simulator counts only POSTs against its rate limit, and ``--rate-limit``
+is POSTs a second. A 429 to a poll still slows the POSTs (a Spine that counts polls against its
+limit is answered by fewer POSTs, hence fewer polls) and its Retry-After holds the POSTs and the
+polls alike (``hold``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+DECREASE = 0.9          # a 429 takes the pace to this fraction of the rate that drew it (CUBIC's beta)
+RECOVERY_S = 5.0        # seconds the pace takes to climb back to the rate that drew the last 429
+CUBIC = (1.0 - DECREASE) / RECOVERY_S ** 3   # so the cubic curve starts at DECREASE and meets 1.0
+WINDOW_S = 1.0          # the rate the kit sends at is measured over the last second of sends
+SHORTEST_SPAN_S = 0.01  # ... and never over less than this, so a few sends in a row are no infinity
+LIMIT_MARGIN = 0.01     # a practice's rate limit is kept this fraction under: 10 ms of every second
+
+
+class Pacer:
+    """When each POST may go: a slot handed to each caller of ``acquire``, spaced evenly at the
+    pace, and later than any Retry-After the Spine gave with a 429 (``limited``).
+
+    ``limit`` caps the pace (sends a second; None: no cap, and no pace at all until the first
+    429). ``clock`` and ``sleep`` are passed in so a test can move time instead of waiting."""
+
+    def __init__(self, limit: float | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        if limit is not None and not (limit > 0 and math.isfinite(limit)):
+            raise ValueError("the rate limit must be a number above zero")
+        self.ceiling = limit * (1.0 - LIMIT_MARGIN) if limit is not None else None
+        self.clock, self.sleep = clock, sleep
+        self._peak: float | None = None         # the rate that drew the last 429 (CUBIC's W_max)
+        self._decreased_at: float | None = None
+        self._hold_until = -math.inf            # no send before this (the last Retry-After)
+        self._next = -math.inf                  # the earliest free slot
+        self._last_slot: float | None = None
+        self._sent: deque[float] = deque()      # the slots of the last WINDOW_S
+        self._epoch = 0                         # bumped when a 429 changes the pace or the hold
+
+    def pace(self, now: float | None = None) -> float | None:
+        """The pace in sends a second at ``now``; None while nothing limits the kit."""
+        if self._peak is None:
+            return self.ceiling
+        now = self.clock() if now is None else now
+        rate = self._peak * (1.0 + CUBIC * (now - self._decreased_at - RECOVERY_S) ** 3)
+        return rate if self.ceiling is None else min(rate, self.ceiling)
+
+    async def acquire(self) -> float:
+        """Wait for this send's slot; returns the slot's time, which the caller hands back to
+        ``limited`` if the send draws a 429. A caller whose slot a 429 moved while it waited (a
+        lower pace, a Retry-After) takes a new one."""
+        while True:
+            now = self.clock()
+            rate = self.pace(now)
+            slot = max(now, self._hold_until, self._next)
+            self._next = slot + 1.0 / rate if rate else slot
+            epoch = self._epoch
+            if slot > now:
+                await self.sleep(slot - now)
+                if epoch != self._epoch:
+                    continue
+            self._record(slot)
+            return slot
+
+    async def hold(self) -> None:
+        """Wait until the last Retry-After has passed: for requests that take no slot (polls)."""
+        while (wait := self._hold_until - self.clock()) > 0:
+            await self.sleep(wait)
+
+    def limited(self, sent_at: float, retry_after: float | None) -> None:
+        """A request sent at ``sent_at`` (this pacer's clock) drew a 429 asking to wait
+        ``retry_after`` seconds (None: it did not say). Every send is held that long; the pace
+        comes down unless this 429 answers a request sent before the last decrease, which was
+        already the answer to it."""
+        now = self.clock()
+        changed = False
+        if retry_after and now + retry_after > self._hold_until:
+            self._hold_until = now + retry_after
+            changed = True
+        if self._decreased_at is None or sent_at > self._decreased_at:
+            rates = [rate for rate in (self.pace(now), self.sending_rate(now)) if rate]
+            if rates:
+                self._peak, self._decreased_at = min(rates), now
+                changed = True
+        if changed:
+            self._epoch += 1
+            rate = self.pace(now)
+            restart = self._last_slot + 1.0 / rate if self._last_slot is not None and rate else now
+            self._next = max(restart, self._hold_until)
+
+    def sending_rate(self, now: float | None = None) -> float | None:
+        """Sends a second over the last WINDOW_S (over the time since the first of them, when
+        the kit has just started); None when nothing was sent in that time."""
+        now = self.clock() if now is None else now
+        self._forget(now)
+        if not self._sent:
+            return None
+        return len(self._sent) / max(now - self._sent[0], SHORTEST_SPAN_S)
+
+    def _record(self, slot: float) -> None:
+        self._last_slot = slot
+        self._sent.append(slot)
+        self._forget(slot)
+
+    def _forget(self, now: float) -> None:
+        while self._sent and self._sent[0] <= now - WINDOW_S:
+            self._sent.popleft()
+
+
+class RateLimiter(Pacer):
+    """A practice's rate limit (``--rate-limit``): at most ``rate`` POSTs a second, evenly spaced,
+    from the first POST on; slower only when the Spine answers 429."""
+
+    def __init__(self, rate: float, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        super().__init__(rate, clock=clock, sleep=sleep)
