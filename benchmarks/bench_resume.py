@@ -1,10 +1,15 @@
-"""Time from Resume to the first message on a large store (SPEC 11). Prints one JSON object.
+"""Time from launching ``scr-nb upload resume`` to its first POST at the Spine (issue 11, item 3).
+Prints one JSON object.
 
-A Run over a synthetic practice is stopped after its first messages; then a Resume is started and
-the time until its first message reaches the simulator (its first POST) is measured, with the
-phases: reading the extract and eligibility, bringing the store in line, planning the work.
+Everything runs as a user would run it, each in its own process: the simulator (``scr-nb
+spine-sim`` on a free loopback port), ``scr-nb login``, ``scr-nb upload run`` over a synthetic
+practice, stopped with ``scr-nb stop`` once it has had ``--first`` acknowledgements, then ``scr-nb
+upload resume``. The first POST is seen at the simulator: its ``/_admin/stats`` ``requests``
+(POSTs to /clinical) is read every few milliseconds from the moment Resume is launched. Once seen,
+the Resume is stopped too. The Run's and Resume's peak RSS come from ``os.wait4``.
 
-    .venv/bin/python benchmarks/bench_resume.py --patients 1000000
+    .venv/bin/python benchmarks/bench_resume.py --patients 200000
+    .venv/bin/python benchmarks/bench_resume.py --practice /tmp/bench1m    # an extract written before
 """
 
 from __future__ import annotations
@@ -12,72 +17,109 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
-from scr_nb.job.engine import Engine
-from scr_nb.job.options import JobControl, JobOptions
-from scr_nb.sim.spine_sim import SimConfig, SimulatorThread
-from scr_nb.sim.synth import write_practice
-from scr_nb.spine import session as sessions
-from scr_nb.store.practice_store import Store
-from scr_nb.store.states import Mode
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-USER = {"user_id": "555000000001", "passcode": "bench", "name": "Bench Mark",
-        "role_profile_id": "555000001001", "activities": ["B0062"], "session_hours": 10}
+from bench_upload import USER, loadavg, simulator  # noqa: E402  (benchmarks/ is not a package)
+
+from scr_nb.sim.synth import write_practice  # noqa: E402
+from scr_nb.store.practice_store import read_status  # noqa: E402
+
+KIT = [sys.executable, "-m", "scr_nb"]
+
+
+def posts(url: str) -> int:
+    with urllib.request.urlopen(f"{url}/_admin/stats", timeout=10) as answer:
+        return json.load(answer)["requests"]
+
+
+def reap(child: subprocess.Popen) -> dict:
+    """Wait for a child; its exit code and peak RSS (MB) from the kernel's own accounting."""
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return {"exit": child.returncode, "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2)}
+
+
+def stop(store: Path) -> None:
+    subprocess.run([*KIT, "stop", "--store", str(store)], check=False, capture_output=True,
+                   timeout=600)
+
+
+def upload(mode: str, practice: Path, store: Path, url: str, session: Path,
+           workdir: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*KIT, "upload", mode, "--practice", str(practice), "--store", str(store), "--spine", url,
+         "--session", str(session), "--concurrency", "8", "--quiet"],
+        stdout=open(workdir / f"{mode}.out", "wb"), stderr=subprocess.STDOUT)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--patients", type=int, default=100_000)
-    parser.add_argument("--first", type=int, default=200, help="messages the Run sends first")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--patients", type=int, default=200_000)
+    parser.add_argument("--practice", type=Path, help="an extract already written (not timed)")
+    parser.add_argument("--first", type=int, default=500,
+                        help="acknowledgements the Run gets before it is stopped")
     args = parser.parse_args()
-    report: dict = {"benchmark": "resume_to_first_message", "patients": args.patients,
-                    "loadavg_start": os.getloadavg()}
-    with tempfile.TemporaryDirectory() as tmp, SimulatorThread(SimConfig(users=[USER])) as spine:
-        root = Path(tmp)
-        started = time.monotonic()
-        write_practice(root / "practice", args.patients, seed=7)
-        report["write_extract_s"] = round(time.monotonic() - started, 1)
-        session = sessions.login(spine.url, USER["user_id"], USER["passcode"])
+    report: dict = {"benchmark": "resume_to_first_post", "loadavg_start": loadavg()}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        practice = args.practice or workdir / "practice"
+        if args.practice is None:
+            started = time.monotonic()
+            write_practice(practice, args.patients, seed=7)
+            report["write_extract_s"] = round(time.monotonic() - started, 1)
+        report["extract"] = str(practice)
+        report["patients_rows"] = sum(1 for _ in open(practice / "patients.csv", "rb")) - 1
+        users = workdir / "users.json"
+        users.write_text(json.dumps([USER]))
+        sim_options = argparse.Namespace(poll_retry_after_ms=100, latency_ms=0, rate_limit=None,
+                                         limit_at="both")
+        with simulator(workdir, "spine", users, sim_options) as spine:
+            session = workdir / "session.json"
+            subprocess.run([*KIT, "login", "--identity", spine.url, "--user", USER["user_id"],
+                            "--session", str(session)], check=True, capture_output=True,
+                           env={**os.environ, "SCR_NB_PASSCODE": USER["passcode"]}, timeout=60)
+            store = workdir / "store.sqlite"
 
-        control = JobControl()
-        store = Store(root / "store.sqlite")
-        first = Engine(store, session, spine.url, root / "practice", control=control,
-                       on_progress=lambda p: control.stop() if p.acknowledged >= args.first
-                       else None)
-        started = time.monotonic()
-        run = first.run(JobOptions(mode=Mode.RUN, concurrency=8))
-        report["run_until_stopped_s"] = round(time.monotonic() - started, 1)
-        report["run_status"] = [run.job.status, run.job.reason]
-        store.close()
+            started = time.monotonic()
+            run = upload("run", practice, store, spine.url, session, workdir)
+            first_post = None
+            while run.poll() is None:
+                if first_post is None and posts(spine.url) > 0:
+                    first_post = time.monotonic() - started
+                if store.exists() and first_post is not None and \
+                        read_status(store)["states"].get("acknowledged", 0) >= args.first:
+                    stop(store)
+                    break
+                time.sleep(0.05)
+            report["run"] = {"launch_to_first_post_s": round(first_post, 2) if first_post else None,
+                             "until_stopped_s": round(time.monotonic() - started, 1), **reap(run)}
 
-        requests_before = spine.simulator.stats()["requests"]
-        marks: dict[str, float] = {}
-
-        def first_message(progress) -> None:
-            if "first" not in marks and spine.simulator.stats()["requests"] > requests_before:
-                marks["first"] = time.monotonic()
-                control_two.stop()
-
-        control_two = JobControl()
-        store = Store(root / "store.sqlite")
-        second = Engine(store, session, spine.url, root / "practice", control=control_two,
-                        on_progress=first_message)
-        started = time.monotonic()
-        resumed = second.run(JobOptions(mode=Mode.RESUME, concurrency=8))
-        store.close()
-        report["resume_status"] = [resumed.job.status, resumed.job.reason]
-        report["resume_to_first_message_s"] = (round(marks["first"] - started, 1)
-                                               if "first" in marks else None)
-    report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    report["loadavg_end"] = os.getloadavg()
+            before = posts(spine.url)
+            started = time.monotonic()
+            resume = upload("resume", practice, store, spine.url, session, workdir)
+            seen = None
+            while resume.poll() is None and time.monotonic() - started < 600:
+                if posts(spine.url) > before:
+                    seen = time.monotonic() - started
+                    break
+                time.sleep(0.005)
+            stop(store)
+            report["resume"] = {"launch_to_first_post_s": round(seen, 3) if seen else None,
+                                **reap(resume)}
+            report["states_after"] = read_status(store)["states"]
+    report["loadavg_end"] = loadavg()
     json.dump(report, sys.stdout, indent=2)
     print()
-    return 0
+    return 0 if report["resume"]["launch_to_first_post_s"] is not None else 1
 
 
 if __name__ == "__main__":

@@ -46,11 +46,11 @@ class Decision:
         return self.reason is None
 
 
-def patient_key(patient: Patient, duplicated_ids: set[str]) -> str:
+def patient_key(patient_id: str, row: int, duplicated_ids: set[str]) -> str:
     """The store's key for a row: the patient_id, or id and line when the id is on several rows."""
-    if patient.patient_id in duplicated_ids:
-        return f"{patient.patient_id} (line {patient.row})"
-    return patient.patient_id
+    if patient_id in duplicated_ids:
+        return f"{patient_id} (line {row})"
+    return patient_id
 
 
 def latest_consent_entry(entries: list[ConsentEntry] | None) -> ConsentEntry | None:
@@ -74,24 +74,39 @@ def decide(practice: Practice, policy: Policy) -> list[Decision]:
     duplicated_ids = {pid for pid, n in ids.items() if n > 1}
     decisions = []
     for patient in practice.patients:
-        key = patient_key(patient, duplicated_ids)
-        reason = _reason(patient, policy, practice, ids, numbers)
-        dissent = False
-        if reason is None and latest_consent(practice.consent.get(patient.patient_id)) == CONSENT_DISSENT:
-            if policy.dissent == "exclude":
-                reason = "dissent"
-            else:
-                dissent = True
-        decisions.append(Decision(key, patient, reason, dissent))
+        duplicated = patient.patient_id in duplicated_ids or (
+            is_valid(patient.nhs_number) and numbers[patient.nhs_number] > 1)
+        reason = final_reason(own_reason(patient, policy), duplicated)
+        reason, dissent = with_consent(
+            reason, latest_consent(practice.consent.get(patient.patient_id)), policy)
+        decisions.append(Decision(patient_key(patient.patient_id, patient.row, duplicated_ids),
+                                  patient, reason, dissent))
     return decisions
 
 
-def _reason(patient: Patient, policy: Policy, practice: Practice, ids: Counter,
-            numbers: Counter) -> str | None:
+def final_reason(own: str | None, duplicated: bool) -> str | None:
+    """The reason once the other rows are known: a duplicate comes right after a malformed row in
+    the precedence, so it can be decided after the patient's own reasons."""
+    if own == "malformed_record" or not duplicated:
+        return own
+    return "duplicate_record"
+
+
+def with_consent(reason: str | None, consent: str | None, policy: Policy) -> tuple[str | None, bool]:
+    """(reason, dissent) after the latest consent code: an otherwise eligible patient who dissents
+    is left out, or sent a summary stating dissent under the ``blank`` policy."""
+    if reason is None and consent == CONSENT_DISSENT:
+        if policy.dissent == "exclude":
+            return "dissent", False
+        return None, True
+    return reason, False
+
+
+def own_reason(patient: Patient, policy: Policy) -> str | None:
+    """The first reason that applies from the patient's own row, leaving out the duplicate check,
+    which needs every row (``final_reason``) and dissent, which needs consent (``with_consent``)."""
     if patient.problems:
         return "malformed_record"
-    if ids[patient.patient_id] > 1 or (is_valid(patient.nhs_number) and numbers[patient.nhs_number] > 1):
-        return "duplicate_record"
     if not patient.nhs_number:
         return "no_nhs_number"
     if not is_valid(patient.nhs_number):

@@ -106,26 +106,56 @@ def normalise_consent_code(raw: str) -> str:
     return raw.strip().split(".", 1)[0].strip()
 
 
+def _check_text(path: Path, chunk_bytes: int = 1 << 20) -> None:
+    """Raise ExtractError (with the line) for bytes that are not UTF-8 or for NUL bytes, reading
+    the file a chunk at a time so a large extract is never held whole."""
+    name_line = 1
+    offset = 0
+    carried = b""
+    with path.open("rb") as handle:
+        while True:
+            chunk = handle.read(chunk_bytes)
+            data = carried + chunk
+            if not data:
+                return
+            try:
+                data.decode("utf-8")
+                usable = len(data)
+            except UnicodeDecodeError as err:
+                truncated = err.reason == "unexpected end of data" and err.end == len(data)
+                if not (truncated and chunk):
+                    line = name_line + data.count(b"\n", 0, err.start)
+                    raise ExtractError(path, f"is not UTF-8 (byte 0x{data[err.start]:02x} at "
+                                             f"offset {offset + err.start}); save it as UTF-8 "
+                                             "CSV and try again", line=line) from None
+                usable = err.start   # a character cut by the chunk's end: read on
+            nul = data.find(b"\x00", 0, usable)
+            if nul >= 0:
+                raise ExtractError(path, "is not a CSV text file (it contains NUL bytes)",
+                                   line=name_line + data.count(b"\n", 0, nul))
+            name_line += data.count(b"\n", 0, usable)
+            offset += usable
+            carried = data[usable:]
+
+
 def read_rows(path: Path, required: tuple[str, ...]) -> Iterator[_Row]:
-    """Yield the records of one CSV file, raising ExtractError for file-level problems."""
+    """Yield the records of one CSV file, raising ExtractError for file-level problems. The file
+    is checked, then read, a piece at a time: memory does not grow with its size."""
     name = path.name
     try:
-        data = path.read_bytes()
+        _check_text(path)
+        handle = path.open(encoding="utf-8-sig", newline="")
     except FileNotFoundError:
         raise ExtractError(path, "file is missing: the extract must contain "
                                  f"{name} with columns {', '.join(required)}") from None
     except OSError as err:
         raise ExtractError(path, f"cannot be read ({err.strerror})") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise ExtractError(path, f"is not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start});"
-                                 " save it as UTF-8 CSV and try again", line=line) from None
-    if "\x00" in text:
-        line = text.count("\n", 0, text.index("\x00")) + 1
-        raise ExtractError(path, "is not a CSV text file (it contains NUL bytes)", line=line)
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    with handle:
+        yield from _records(path, handle, required)
+
+
+def _records(path: Path, handle: io.TextIOBase, required: tuple[str, ...]) -> Iterator[_Row]:
+    reader = csv.reader(handle, strict=True)
     try:
         header = next(reader, None)
     except csv.Error as err:
@@ -211,23 +241,8 @@ def load_groups(directory: str | Path) -> dict[str, list[str]]:
     return groups
 
 
-def load_practice(directory: str | Path, today: date | None = None) -> Practice:
-    """Read and check a whole extract. Raises ExtractError before anything is sent."""
-    today = today or date.today()
-    root = Path(directory)
-    if not root.is_dir():
-        raise ExtractError(root, "is not a directory: give the folder holding patients.csv, "
-                                 "consent.csv, medications.csv, allergies.csv (and groups.csv)")
-    practice = Practice(directory=str(root), details=load_details(root))
-    # Problems found in the other files are charged to the patient they belong to.
-    extra_problems: dict[str, list[str]] = {}
-
-    def charge(row: _Row, file: str) -> None:
-        if row.problems:
-            pid = row.text("patient_id")
-            extra_problems.setdefault(pid, []).extend(
-                f"{file} line {row.line}: {p}" for p in row.problems)
-
+def read_consent(root: Path) -> Iterator[tuple[ConsentEntry, list[str]]]:
+    """consent.csv's entries, each with the problems of its row."""
     for row in read_rows(root / "consent.csv", REQUIRED_COLUMNS["consent.csv"]):
         code = normalise_consent_code(row.text("code"))
         if code not in CONSENT_CODES:
@@ -235,9 +250,11 @@ def load_practice(directory: str | Path, today: date | None = None) -> Practice:
                                 f"({', '.join(CONSENT_CODES)})")
         entry = ConsentEntry(row.text("patient_id"), code, row.date("recorded_on", required=True),
                              row.line)
-        charge(row, "consent.csv")
-        practice.consent.setdefault(entry.patient_id, []).append(entry)
+        yield entry, row.problems
 
+
+def read_medications(root: Path) -> Iterator[tuple[Medication, list[str]]]:
+    """medications.csv's rows, each with the problems of its row."""
     for row in read_rows(root / "medications.csv", REQUIRED_COLUMNS["medications.csv"]):
         kind = row.text("kind").lower()
         if kind not in MEDICATION_KINDS:
@@ -249,9 +266,11 @@ def load_practice(directory: str | Path, today: date | None = None) -> Practice:
             prescribed_on=row.date("prescribed_on", required=True),
             repeat_until=row.date("repeat_until"), discontinued_on=row.date("discontinued_on"),
             row=row.line)
-        charge(row, "medications.csv")
-        practice.medications.setdefault(med.patient_id, []).append(med)
+        yield med, row.problems
 
+
+def read_allergies(root: Path) -> Iterator[tuple[Allergy, list[str]]]:
+    """allergies.csv's rows, each with the problems of its row."""
     for row in read_rows(root / "allergies.csv", REQUIRED_COLUMNS["allergies.csv"]):
         kind = row.text("kind").lower()
         if kind not in ALLERGY_KINDS:
@@ -261,16 +280,18 @@ def load_practice(directory: str | Path, today: date | None = None) -> Practice:
             patient_id=row.text("patient_id"), allergy_id=row.text("allergy_id"), kind=kind,
             snomed_code=row.text("snomed_code"), description=row.values.get("description") or "",
             recorded_on=row.date("recorded_on"), negative=row.flag("negative"), row=row.line)
-        charge(row, "allergies.csv")
-        practice.allergies.setdefault(allergy.patient_id, []).append(allergy)
+        yield allergy, row.problems
 
-    practice.groups = load_groups(root)
 
+def read_patients(root: Path, today: date,
+                  charged: dict[str, list[str]]) -> Iterator[Patient]:
+    """patients.csv's rows; ``charged`` holds the problems the other files found for a patient id
+    (a broken medication row makes its patient's record malformed)."""
     for row in read_rows(root / "patients.csv", REQUIRED_COLUMNS["patients.csv"]):
         pid = row.text("patient_id")
         if not pid:
             row.problems.append("patient_id: blank")
-        patient = Patient(
+        yield Patient(
             patient_id=pid or f"(blank id, line {row.line})",
             nhs_number=normalise(row.text("nhs_number")),
             family_name=row.values.get("family_name") or "",
@@ -285,7 +306,42 @@ def load_practice(directory: str | Path, today: date | None = None) -> Practice:
             pds_synchronised=row.flag("pds_synchronised"),
             has_national_summary=row.flag("has_national_summary"),
             row=row.line,
-            problems=tuple(row.problems) + tuple(extra_problems.get(pid, ())),
+            problems=tuple(row.problems) + tuple(charged.get(pid, ())),
         )
-        practice.patients.append(patient)
+
+
+def charge(charged: dict[str, list[str]], file: str, patient_id: str, line: int,
+           problems: list[str]) -> None:
+    """Keep a row's problems against its patient id, naming the file and line."""
+    if problems:
+        charged.setdefault(patient_id, []).extend(f"{file} line {line}: {p}" for p in problems)
+
+
+def check_directory(directory: str | Path) -> Path:
+    root = Path(directory)
+    if not root.is_dir():
+        raise ExtractError(root, "is not a directory: give the folder holding patients.csv, "
+                                 "consent.csv, medications.csv, allergies.csv (and groups.csv)")
+    return root
+
+
+def load_practice(directory: str | Path, today: date | None = None) -> Practice:
+    """Read and check a whole extract into memory (the support desk, preflight, tests: a job reads
+    it through ``extract.index`` instead). Raises ExtractError before anything is sent."""
+    today = today or date.today()
+    root = check_directory(directory)
+    practice = Practice(directory=str(root), details=load_details(root))
+    # Problems found in the other files are charged to the patient they belong to.
+    charged: dict[str, list[str]] = {}
+    for entry, problems in read_consent(root):
+        charge(charged, "consent.csv", entry.patient_id, entry.row, problems)
+        practice.consent.setdefault(entry.patient_id, []).append(entry)
+    for med, problems in read_medications(root):
+        charge(charged, "medications.csv", med.patient_id, med.row, problems)
+        practice.medications.setdefault(med.patient_id, []).append(med)
+    for allergy, problems in read_allergies(root):
+        charge(charged, "allergies.csv", allergy.patient_id, allergy.row, problems)
+        practice.allergies.setdefault(allergy.patient_id, []).append(allergy)
+    practice.groups = load_groups(root)
+    practice.patients.extend(read_patients(root, today, charged))
     return practice

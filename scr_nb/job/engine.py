@@ -21,9 +21,9 @@ from pathlib import Path
 
 from scr_nb.clock import SystemClock
 from scr_nb.errors import ExtractError, RefusedError, SessionError, TlsFailure, Unreachable
-from scr_nb.extract.eligibility import Decision, Policy, decide, summarise
-from scr_nb.extract.reader import load_practice
-from scr_nb.extract.records import Practice
+from scr_nb.extract.eligibility import Policy
+from scr_nb.extract.prepared import Prepared, decisions, prepare
+from scr_nb.extract.reader import load_details
 from scr_nb.job.modes import choose_chain
 from scr_nb.job.options import JobControl, JobOptions, JobResult, Progress
 from scr_nb.job.pipeline import Pipeline
@@ -32,6 +32,7 @@ from scr_nb.spine.client import SpineClient
 from scr_nb.spine.session import Session
 from scr_nb.spine.tls import CHECK_TIMEOUT, TlsSettings, check_connection
 from scr_nb.store.lock import StoreLock
+from scr_nb.store.extract_index import ExtractIndex, index_path
 from scr_nb.store.log import PracticeLog
 from scr_nb.store.practice_store import Store
 from scr_nb.store.states import JobStatus
@@ -61,21 +62,18 @@ class Engine:
 
     # --- preparing ----------------------------------------------------------------------------
 
-    def read_extract(self, options: JobOptions) -> tuple[Practice, list[Decision]]:
-        """Read the extract and decide eligibility. Writes nothing."""
-        practice = load_practice(self.practice_dir, today=self.clock.today())
-        policy = Policy(today=self.clock.today(), dissent=options.dissent,
-                        update_existing_after_days=options.update_existing_after_days)
-        decisions = decide(practice, policy)
-        self.dry_run = summarise(decisions)
-        return practice, decisions
+    def policy(self, options: JobOptions) -> Policy:
+        return Policy(today=self.clock.today(), dissent=options.dissent,
+                      update_existing_after_days=options.update_existing_after_days)
 
-    def sync(self, decisions: list[Decision]) -> dict[str, Decision]:
-        """Bring the store's patients in line with the extract's decisions (after the job may
-        start: a refused job changes nothing)."""
-        self.store.sync_patients((d.key, d.patient.patient_id, d.patient.nhs_number,
-                                  d.patient.row, d.reason, d.dissent) for d in decisions)
-        return {d.key: d for d in decisions}
+    def read_extract(self, options: JobOptions) -> Prepared:
+        """The extract and its eligibility decisions, in the store's extract index: read from the
+        files only when they (or the eligibility settings) changed since the store was last
+        brought in line with them. Writes nothing in the store."""
+        prepared = prepare(self.practice_dir, index_path(self.store.path), self.policy(options),
+                           known=self.store.extract_fingerprint())
+        self.dry_run = prepared.summary
+        return prepared
 
     @contextmanager
     def _refusals_logged(self, options: JobOptions) -> Iterator[None]:
@@ -160,20 +158,26 @@ class Engine:
         try:
             with self._refusals_logged(options):
                 self._check_schedule(options)
-                practice, decided = self.read_extract(options)
+                details = load_details(self.practice_dir)
+                prepared = self.read_extract(options)
                 # The extract's Patient Groups mirror groups.csv: kept before the mode's rules
                 # are read, which change nothing (a refused job leaves the patients as they were).
-                self.store.sync_extract_groups(practice.groups)
+                if prepared.read:
+                    self.store.sync_extract_groups(prepared.index.groups())
                 resumed, chain_mode, group = choose_chain(self.store, options.mode, options.group)
-            decisions = self.sync(decided)
-            options = options.for_practice(practice.details)
-            return await self._run_job(options, practice, decisions, resumed, chain_mode, group)
+            if prepared.read:
+                self.store.sync_patients(decisions(prepared.index, self.policy(options)),
+                                         prepared.fingerprint)
+            options = options.for_practice(details)
+            try:
+                return await self._run_job(options, prepared.index, resumed, chain_mode, group)
+            finally:
+                prepared.index.close()
         finally:
             self.lock.release()
 
-    async def _run_job(self, options: JobOptions, practice: Practice,
-                       decisions: dict[str, Decision], resumed, chain_mode: str,
-                       group: str | None) -> JobResult:
+    async def _run_job(self, options: JobOptions, extract: ExtractIndex, resumed,
+                       chain_mode: str, group: str | None) -> JobResult:
         if resumed is not None and resumed.status == JobStatus.RUNNING.value:
             # Its process is gone (we hold the store's lock): close it so the chain goes on.
             self.store.end_job(resumed.id, JobStatus.STOPPED, None, resumed.totals)
@@ -194,7 +198,7 @@ class Engine:
         if not options.schedule.empty:
             self.log.write("schedule", job_id=job.id, user_id=self.session.user_id,
                            **options.schedule.to_json())
-        pipeline = Pipeline(self, options, job, chain_mode, practice, decisions, progress)
+        pipeline = Pipeline(self, options, job, chain_mode, extract, progress)
         try:
             status, reason = await pipeline.execute()
         except Exception as err:

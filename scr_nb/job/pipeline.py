@@ -6,14 +6,15 @@ ack, and keep every state change in the store; the watcher's decisions are carri
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
+from itertools import chain, islice
 from typing import TYPE_CHECKING
 
 from scr_nb.constants import DUPLICATE_EVENT, MAX_MESSAGE_BYTES, UNCERTAIN_FAILURES
 from scr_nb.errors import AccessDenied, SessionExpired, SessionRejected, SpineError, TlsFailure
-from scr_nb.extract.eligibility import Decision, latest_consent_entry
-from scr_nb.extract.records import Practice
+from scr_nb.extract.records import Allergy, Medication, Patient
 from scr_nb.job.options import JobOptions, Progress, describe_duration
 from scr_nb.job.watcher import Phase, Step, next_step, sending_allowed, starts_waiting
 from scr_nb.spine.acks import Ack
@@ -25,6 +26,7 @@ from scr_nb.spine.client import (
 )
 from scr_nb.spine.content import Windows, select_content
 from scr_nb.spine.gp_summary import Author, OutboundMessage, build_message, new_id
+from scr_nb.store.extract_index import ExtractIndex
 from scr_nb.store.practice_store import Job
 from scr_nb.store.states import JobStatus, Mode, PatientState, StopReason, counters
 
@@ -36,7 +38,19 @@ STOPPING_ERRORS = {AccessDenied: StopReason.ACCESS_DENIED, TlsFailure: StopReaso
 FLUSH_SECONDS = 0.25
 REQUESTS_SECONDS = 0.5    # how often Stop requests made through the store are read (SPEC: 2 s)
 DEFAULT_REQUEST_SECONDS = 30.0   # the longest one request may take, when the client does not say
+WORK_PAGE = 2_000          # patients read from the store at a time to be built and sent
 WATCH_SECONDS = 0.1       # how often the schedule and the session are checked against the clock
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch's rows: pkey -> the store's facts (``Store.to_build``), patients.csv row ->
+    (patient, latest consent date), patient id -> medications and allergies."""
+
+    facts: dict[str, tuple[int, str | None, bool, str | None]]
+    patients: dict[int, tuple[Patient, date | None]]
+    medications: dict[str, list[Medication]]
+    allergies: dict[str, list[Allergy]]
 
 
 @dataclass
@@ -52,10 +66,10 @@ class Pipeline:
     """The moving parts of one job; lives as long as the job runs."""
 
     def __init__(self, engine: "Engine", options: JobOptions, job: Job, chain_mode: str,
-                 practice: Practice, decisions: dict[str, Decision], progress: Progress):
+                 extract: ExtractIndex, progress: Progress):
         self.engine, self.options, self.job, self.chain_mode = engine, options, job, chain_mode
         self.store, self.clock, self.control = engine.store, engine.clock, engine.control
-        self.practice, self.decisions, self.progress = practice, decisions, progress
+        self.extract, self.progress = extract, progress
         self.author = Author(user_id=engine.session.user_id, name=engine.session.name,
                              role_profile_id=engine.session.role_profile_id,
                              sender_asid=options.sender_asid,
@@ -149,14 +163,16 @@ class Pipeline:
 
     def build_batch(self, items: list[str | Work]) -> list[Work]:
         """Build new messages for the patients among ``items`` and store them all in one
-        transaction (ids committed before anything is sent); in-flight work passes through."""
+        transaction (ids committed before anything is sent); in-flight work passes through.
+        Only this batch's patients are read from the extract index."""
         works: list[Work] = []
         fresh: list[tuple[str, str, str, str | None, str, bytes]] = []
+        batch = self.read_batch([item for item in items if not isinstance(item, Work)])
         for item in items:
             if isinstance(item, Work):
                 works.append(item)
                 continue
-            built = self.build(item)
+            built = self.build(item, batch)
             if built is None:
                 continue
             message, prior = built
@@ -167,25 +183,35 @@ class Pipeline:
             self.store.queue_messages(self.job.id, self.job.chain_id, fresh)
         return works
 
-    def build(self, pkey: str) -> tuple[OutboundMessage, str | None] | None:
+    def read_batch(self, pkeys: list[str]) -> Batch:
+        """The store's and the extract's rows for the patients of one batch."""
+        if not pkeys:
+            return Batch({}, {}, {}, {})
+        facts = self.store.to_build(pkeys)
+        patients = self.extract.patients([fact[0] for fact in facts.values() if fact[1] is None])
+        medications, allergies = self.extract.clinical(
+            [patient.patient_id for patient, _ in patients.values()])
+        return Batch(facts, patients, medications, allergies)
+
+    def build(self, pkey: str, batch: Batch) -> tuple[OutboundMessage, str | None] | None:
         """Build a new message for one patient, with the summary it replaces; None when it
         cannot be sent (a message over the size limit fails the patient here)."""
-        decision = self.decisions.get(pkey)
-        if decision is None or not decision.eligible:
+        fact = batch.facts.get(pkey)
+        if fact is None or fact[1] is not None:
             return None   # no longer in the extract or no longer eligible: sync made it so
-        patient = decision.patient
-        content = select_content(self.practice.medications.get(patient.patient_id, ()),
-                                 self.practice.allergies.get(patient.patient_id, ()),
-                                 self.windows)
-        prior = self.store.patient(pkey)["ack_event_id"]
-        dissent_on = None
-        if decision.dissent:   # the Refusal entry is dated the day the dissent was recorded
-            entry = latest_consent_entry(self.practice.consent.get(patient.patient_id))
-            dissent_on = entry.recorded_on if entry else None
+        row, _, dissent, prior = fact
+        if row not in batch.patients:
+            raise RuntimeError(f"patient {pkey} (patients.csv line {row}) is not in the extract "
+                               f"index {self.extract.path}: the index and the store disagree; "
+                               "Resume reads the extract again")
+        patient, consent_on = batch.patients[row]
+        content = select_content(batch.medications.get(patient.patient_id, ()),
+                                 batch.allergies.get(patient.patient_id, ()), self.windows)
+        # The Refusal entry is dated the day the dissent was recorded.
         message = build_message(patient, content, author=self.author, message_id=new_id(),
                                 event_id=new_id(), created=self.clock.now(),
-                                prior_event_id=prior, dissent=decision.dissent,
-                                dissent_on=dissent_on)
+                                prior_event_id=prior, dissent=bool(dissent),
+                                dissent_on=consent_on if dissent else None)
         if message.size > MAX_MESSAGE_BYTES:
             self.store.fail_unsent(pkey, self.job.id, self.job.chain_id, message.message_id,
                                    message.event_id, message.size, "message_too_large")
@@ -203,44 +229,50 @@ class Pipeline:
         return OutboundMessage(message_id=kept.message_id, event_id=kept.event_id,
                                nhs_number=nhs, content_type=kept.content_type, body=kept.body)
 
-    def plan(self) -> list[str | Work]:
-        """In-flight patients first (finished with their original id), then the mode's work."""
-        plan: list[str | Work] = []
+    def plan(self) -> tuple[int, Iterator[str | Work]]:
+        """(how many, the work): in-flight patients first (finished with their original id), then
+        messages built and never posted before a stop, then the mode's work read from the store a
+        page at a time, so the first message goes out at once whatever the practice's size."""
+        first: list[Work] = []
         for pkey, message_id in self.store.in_flight(self.job.group):
             kept = self.store.message(message_id)
             if kept is None:
                 continue
             if kept.state == PatientState.TRANSMITTED.value and kept.poll_url:
-                plan.append(Work(pkey, kept.message_id, kept.event_id, poll_url=kept.poll_url))
+                first.append(Work(pkey, kept.message_id, kept.event_id, poll_url=kept.poll_url))
             else:
-                plan.append(Work(pkey, kept.message_id, kept.event_id,
+                first.append(Work(pkey, kept.message_id, kept.event_id,
                                   message=self.stored(message_id)))
-        # Then messages built and never posted before a stop: sent with the id they were given.
-        reused = set()
+        # Sent with the id they were given; queued again, so the mode's work leaves them out.
         for pkey, message_id in self.store.unsent(self.job.chain_id, self.job.group):
             kept = self.store.message(message_id)
             self.store.requeue(pkey, message_id, self.job.id, self.job.chain_id)
-            plan.append(Work(pkey, message_id, kept.event_id, message=self.stored(message_id)))
-            reused.add(pkey)
-        for pkey in self.store.select_work(self.chain_mode, self.job.chain_id, self.job.group,
-                                           self.options.skip_acknowledged):
-            if pkey in reused:
-                continue
-            if self.chain_mode in (Mode.FAILED.value, Mode.RERUN.value):
-                row = self.store.patient(pkey)
-                kept = self.store.message(row["message_id"]) if row["message_id"] else None
-                if kept is not None and kept.failure_code in UNCERTAIN_FAILURES and kept.body:
-                    # The Spine may hold it: same id, and duplicate elimination answers.
-                    self.store.requeue(pkey, kept.message_id, self.job.id, self.job.chain_id)
-                    plan.append(Work(pkey, kept.message_id, kept.event_id,
-                                      message=self.stored(kept.message_id)))
-                    continue
-            plan.append(pkey)
-        return plan
+            first.append(Work(pkey, message_id, kept.event_id, message=self.stored(message_id)))
+        rule = (self.chain_mode, self.job.chain_id, self.job.group, self.options.skip_acknowledged)
+        return len(first) + self.store.count_work(*rule), chain(first, self.work(rule))
+
+    def work(self, rule: tuple) -> Iterator[str | Work]:
+        """The mode's work, a page of the store at a time in extract order."""
+        after = -1
+        while page := self.store.select_work(*rule, after_row=after, limit=WORK_PAGE):
+            for pkey, after in page:
+                yield self.again_if_uncertain(pkey) or pkey
+
+    def again_if_uncertain(self, pkey: str) -> Work | None:
+        """Failed and Rerun send a patient whose outcome was uncertain (the Spine may hold it)
+        with the same id, and duplicate elimination answers."""
+        if self.chain_mode not in (Mode.FAILED.value, Mode.RERUN.value):
+            return None
+        row = self.store.patient(pkey)
+        kept = self.store.message(row["message_id"]) if row["message_id"] else None
+        if kept is None or kept.failure_code not in UNCERTAIN_FAILURES or not kept.body:
+            return None
+        self.store.requeue(pkey, kept.message_id, self.job.id, self.job.chain_id)
+        return Work(pkey, kept.message_id, kept.event_id, message=self.stored(kept.message_id))
 
     async def execute(self) -> tuple[JobStatus, StopReason | None]:
-        plan = self.plan()
-        self.progress.to_send = len(plan)
+        to_send, plan = self.plan()
+        self.progress.to_send = to_send
         self.report(force=True)
         limiter = RateLimiter(self.options.rate_limit, clock=self.clock.monotonic,
                               sleep=self.clock.sleep) if self.options.rate_limit else None
@@ -253,7 +285,7 @@ class Pipeline:
             on_attempt=self.record_attempt, may_send=self.may_send)
         self.client = client
         queue: asyncio.Queue = asyncio.Queue(maxsize=self.options.concurrency * 2)
-        self.warn_if_too_slow(len(plan))
+        self.warn_if_too_slow(to_send)
         self.phase = starts_waiting(self.clock.now(), self.options.schedule)
         if self.phase.waiting:
             self.gate.clear()
@@ -456,14 +488,17 @@ class Pipeline:
                 work.add(closer)
                 pending.add(closer)
 
-    async def produce(self, plan: list[str | Work], queue: asyncio.Queue) -> None:
+    async def produce(self, plan: Iterator[str | Work], queue: asyncio.Queue) -> None:
         """Build ahead of the senders, a batch at a time (the outbound queue is bounded)."""
-        batch = max(1, min(64, self.options.concurrency * 2))
-        for start in range(0, len(plan), batch):
+        size = max(1, min(64, self.options.concurrency * 2))
+        while True:
             await self.gate.wait()
             if self.halted:
                 return
-            for work in self.build_batch(plan[start:start + batch]):
+            batch = list(islice(plan, size))
+            if not batch:
+                break
+            for work in self.build_batch(batch):
                 self.progress.queued += 1
                 if work.poll_url:
                     self.track(work)

@@ -13,6 +13,7 @@ import sqlite3
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from itertools import islice
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +36,7 @@ NOT_IN_EXTRACT = "not_in_extract"   # a patient the store knows but the latest e
 _IN_FLIGHT_SQL = ", ".join(sorted(f"'{state.value}'" for state in IN_FLIGHT))
 CONTROL_REQUESTS = ("stop", "close", "cancel")     # Stop, Stop and Close, Cancel
 RUNNING_STATUSES = ("running", "paused")
+SYNC_BATCH = 10_000                 # decisions written to the store at a time
 MAX_DEFERRED = 500                  # deferred moves written at the latest with the 500th
 
 
@@ -127,53 +129,69 @@ class Store:
 
     # --- the practice: patients and groups ------------------------------------------------------
 
-    def sync_patients(self, rows: Iterable[tuple[str, str, str, int, str | None, bool]]) -> None:
+    def sync_patients(self, rows: Iterable[tuple[str, str, str, int, str | None, bool]],
+                      extract: dict | None = None) -> None:
         """Bring the store in line with an extract's eligibility decisions.
 
         ``rows``: (pkey, patient_id, nhs_number, source_row, reason or None, dissent). A patient who
         is waiting to be sent or failed and is now not required becomes not required; a
         not-required patient who is now eligible becomes unprocessed. In-flight and acknowledged
         patients keep their state: their summaries are, or may be, on the Spine, and so does a
-        patient the Spine said already holds a summary (``existing_summary_at_spine``)."""
+        patient the Spine said already holds a summary (``existing_summary_at_spine``).
+
+        ``rows`` is read a batch at a time. ``extract`` (the fingerprint of the extract the rows
+        came from) is kept with them, in the same transaction: ``extract_fingerprint``."""
         stamp = now_iso()
-        rows = list(rows)
+        rows = iter(rows)
         with self.transaction() as db:
-            db.executemany(
-                """INSERT INTO patients (pkey, patient_id, nhs_number, source_row, eligibility,
-                       dissent, state, reason, updated_at)
-                   VALUES (?1, ?2, ?3, ?4, ?5, ?6,
-                           CASE WHEN ?5 IS NULL THEN 'unprocessed' ELSE 'not_required' END, ?5, ?7)
-                   ON CONFLICT (pkey) DO UPDATE SET
-                       patient_id = excluded.patient_id, nhs_number = excluded.nhs_number,
-                       source_row = excluded.source_row, eligibility = excluded.eligibility,
-                       dissent = excluded.dissent,
-                       state = CASE
-                           WHEN patients.state IN ('unprocessed', 'failed', 'not_required')
-                                AND excluded.eligibility IS NOT NULL THEN 'not_required'
-                           WHEN patients.state = 'not_required' AND excluded.eligibility IS NULL
-                                AND patients.reason IS NOT 'existing_summary_at_spine'
-                                THEN 'unprocessed'
-                           ELSE patients.state END,
-                       reason = CASE
-                           WHEN patients.state IN ('unprocessed', 'failed', 'not_required')
-                                AND excluded.eligibility IS NOT NULL THEN excluded.eligibility
-                           WHEN patients.state = 'not_required' AND excluded.eligibility IS NULL
-                                AND patients.reason IS NOT 'existing_summary_at_spine'
-                                THEN NULL
-                           ELSE patients.reason END,
-                       updated_at = CASE WHEN patients.eligibility IS excluded.eligibility
-                           THEN patients.updated_at ELSE excluded.updated_at END""",
-                ((k, pid, nhs, row, reason, int(dissent), stamp)
-                 for k, pid, nhs, row, reason, dissent in rows))
-            # Patients gone from the extract are not sent: they get a reason, not silence.
             db.execute("CREATE TEMP TABLE IF NOT EXISTS extract_keys (pkey TEXT PRIMARY KEY)")
             db.execute("DELETE FROM temp.extract_keys")
-            db.executemany("INSERT OR IGNORE INTO temp.extract_keys VALUES (?)",
-                           ((r[0],) for r in rows))
+            while batch := list(islice(rows, SYNC_BATCH)):
+                self._sync_batch(db, batch, stamp)
+            # Patients gone from the extract are not sent: they get a reason, not silence.
             db.execute("UPDATE patients SET state = 'not_required', reason = ?, eligibility = ?, "
                        "updated_at = ? WHERE state IN ('unprocessed', 'failed', 'not_required') "
                        "AND pkey NOT IN (SELECT pkey FROM temp.extract_keys)",
                        (NOT_IN_EXTRACT, NOT_IN_EXTRACT, stamp))
+            db.execute("INSERT INTO meta VALUES ('extract', ?) ON CONFLICT (key) DO UPDATE SET "
+                       "value = excluded.value", (json.dumps(extract),))
+
+    def extract_fingerprint(self) -> dict | None:
+        """The fingerprint of the extract the patients were last brought in line with."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'extract'").fetchone()
+        return json.loads(row[0]) if row else None
+
+    @staticmethod
+    def _sync_batch(db: sqlite3.Connection, batch: list[tuple], stamp: str) -> None:
+        db.executemany(
+            """INSERT INTO patients (pkey, patient_id, nhs_number, source_row, eligibility,
+                   dissent, state, reason, updated_at)
+               VALUES (?1, ?2, ?3, ?4, ?5, ?6,
+                       CASE WHEN ?5 IS NULL THEN 'unprocessed' ELSE 'not_required' END, ?5, ?7)
+               ON CONFLICT (pkey) DO UPDATE SET
+                   patient_id = excluded.patient_id, nhs_number = excluded.nhs_number,
+                   source_row = excluded.source_row, eligibility = excluded.eligibility,
+                   dissent = excluded.dissent,
+                   state = CASE
+                       WHEN patients.state IN ('unprocessed', 'failed', 'not_required')
+                            AND excluded.eligibility IS NOT NULL THEN 'not_required'
+                       WHEN patients.state = 'not_required' AND excluded.eligibility IS NULL
+                            AND patients.reason IS NOT 'existing_summary_at_spine'
+                            THEN 'unprocessed'
+                       ELSE patients.state END,
+                   reason = CASE
+                       WHEN patients.state IN ('unprocessed', 'failed', 'not_required')
+                            AND excluded.eligibility IS NOT NULL THEN excluded.eligibility
+                       WHEN patients.state = 'not_required' AND excluded.eligibility IS NULL
+                            AND patients.reason IS NOT 'existing_summary_at_spine'
+                            THEN NULL
+                       ELSE patients.reason END,
+                   updated_at = CASE WHEN patients.eligibility IS excluded.eligibility
+                       THEN patients.updated_at ELSE excluded.updated_at END""",
+            ((k, pid, nhs, row, reason, int(dissent), stamp)
+             for k, pid, nhs, row, reason, dissent in batch))
+        db.executemany("INSERT OR IGNORE INTO temp.extract_keys VALUES (?)",
+                       ((r[0],) for r in batch))
 
     def sync_extract_groups(self, groups: dict[str, list[str]]) -> None:
         with self.transaction() as db:
@@ -281,10 +299,9 @@ class Store:
             f"SELECT pkey, message_id FROM patients WHERE state IN ({_IN_FLIGHT_SQL}) "
             f"AND {where} ORDER BY source_row", args))
 
-    def select_work(self, chain_mode: str, chain_id: int, group: str | None,
-                    skip_acknowledged: bool = False) -> list[str]:
-        """The patients a job of ``chain_mode`` still has to send, in extract order."""
-        self.flush()
+    def _work(self, chain_mode: str, chain_id: int, group: str | None,
+              skip_acknowledged: bool) -> tuple[str, tuple]:
+        """The condition on patients a job of ``chain_mode`` still has to send, and its values."""
         where, args = self._scope(group)
         if chain_mode == "run":
             cond = "state = 'unprocessed'"
@@ -298,8 +315,24 @@ class Store:
             args = (chain_id, *args)
         else:
             raise ValueError(f"no work rule for mode {chain_mode!r}")
-        return [r[0] for r in self.db.execute(
-            f"SELECT pkey FROM patients WHERE {cond} AND {where} ORDER BY source_row", args)]
+        return f"{cond} AND {where}", args
+
+    def select_work(self, chain_mode: str, chain_id: int, group: str | None,
+                    skip_acknowledged: bool = False, after_row: int = -1,
+                    limit: int = -1) -> list[tuple[str, int]]:
+        """(pkey, row) of the patients a job of ``chain_mode`` still has to send, in extract
+        order: at most ``limit`` (-1: all) after patients.csv's row ``after_row``."""
+        self.flush()
+        cond, args = self._work(chain_mode, chain_id, group, skip_acknowledged)
+        return list(self.db.execute(
+            f"SELECT pkey, source_row FROM patients WHERE source_row > ? AND {cond} "
+            "ORDER BY source_row LIMIT ?", (after_row, *args, limit)))
+
+    def count_work(self, chain_mode: str, chain_id: int, group: str | None,
+                   skip_acknowledged: bool = False) -> int:
+        self.flush()
+        cond, args = self._work(chain_mode, chain_id, group, skip_acknowledged)
+        return self.db.execute(f"SELECT COUNT(*) FROM patients WHERE {cond}", args).fetchone()[0]
 
     def count_in_scope(self, group: str | None, state: PatientState) -> int:
         self.flush()
@@ -314,6 +347,17 @@ class Store:
         return self.db.execute(
             f"SELECT COUNT(*), COALESCE(SUM(eligibility IS NULL), 0) FROM patients WHERE {where}",
             args).fetchone()
+
+    def to_build(self, pkeys: list[str]) -> dict[str, tuple[int, str | None, bool, str | None]]:
+        """What building these patients' messages needs from the store: pkey -> (row in
+        patients.csv, not-required reason or None, dissent, the summary the Spine holds)."""
+        found = {}
+        for start in range(0, len(pkeys), 900):
+            chunk = pkeys[start:start + 900]
+            found.update((r[0], r[1:]) for r in self.db.execute(
+                "SELECT pkey, source_row, eligibility, dissent, ack_event_id FROM patients "
+                f"WHERE pkey IN ({', '.join('?' * len(chunk))})", chunk))
+        return found
 
     def patient(self, pkey: str) -> dict | None:
         cur = self.db.execute("SELECT * FROM patients WHERE pkey = ?", (pkey,))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from scr_nb.errors import StoreError
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 # What a read may raise while the job that creates a store is still writing its tables.
 DatabaseError = sqlite3.Error
 SCHEMA = """
@@ -107,6 +107,8 @@ MIGRATIONS: dict[str, tuple[str, ...]] = {
     "3": ("CREATE TABLE IF NOT EXISTS control_requests (id INTEGER PRIMARY KEY, "
           "job_id INTEGER NOT NULL, request TEXT NOT NULL, user_id TEXT NOT NULL, "
           "user_name TEXT NOT NULL, asked_at TEXT NOT NULL, seen_at TEXT)",),
+    # a job's work read a page at a time in extract order, not sorted whole before the first send
+    "4": ("CREATE INDEX IF NOT EXISTS patients_source_row ON patients (source_row)",),
 }
 
 

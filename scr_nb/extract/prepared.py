@@ -1,0 +1,182 @@
+"""A job's view of its extract (issue 11): read once into the store's extract index, a piece at a
+time, and decided there; read again only when the files or the eligibility settings changed.
+
+``prepare`` is what a job calls. Its answers are exactly ``decide(load_practice(...))``'s (a test
+holds the two together), without the whole practice ever being in memory.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+from typing import TypeVar
+
+from scr_nb.constants import LEGACY_CONSENT
+from scr_nb.extract.eligibility import (
+    Policy, final_reason, own_reason, patient_key, with_consent,
+)
+from scr_nb.extract.nhs_number import is_valid
+from scr_nb.extract.reader import (
+    REQUIRED_COLUMNS, charge, check_directory, load_groups, read_allergies, read_consent,
+    read_medications, read_patients,
+)
+from scr_nb.extract.records import ConsentEntry, Patient
+from scr_nb.store.extract_index import ExtractIndex, IndexWriter
+from scr_nb.store.states import NOT_REQUIRED_REASONS
+
+# A decision as the store keeps it: (key, patient id, NHS number, row, reason or None, dissent).
+StoredDecision = tuple[str, str, str, int, "str | None", bool]
+_Record = TypeVar("_Record")
+
+
+@dataclass
+class Prepared:
+    """The extract a job works from. ``read`` says whether its files were read this time (False:
+    the index of an earlier job was still true to them)."""
+
+    index: ExtractIndex
+    fingerprint: dict
+    summary: dict
+    read: bool
+
+
+def fingerprint(directory: str | Path, policy: Policy) -> dict:
+    """What the decisions depend on, but for the day: each file's size and modification time (a
+    new extract, or an edited file, changes them) and the settings. The day is dealt with by
+    ``turning_day``."""
+    root = Path(directory).resolve()
+    files = {}
+    for name in (*REQUIRED_COLUMNS, "practice.json"):
+        try:
+            found = (root / name).stat()
+            files[name] = [found.st_size, found.st_mtime_ns]
+        except OSError:
+            files[name] = None
+    return {"directory": str(root), "files": files, "dissent": policy.dissent,
+            "update_existing_after_days": policy.update_existing_after_days}
+
+
+def prepare(directory: str | Path, index_file: str | Path, policy: Policy,
+            known: dict | None = None) -> Prepared:
+    """The job's extract: the index at ``index_file`` when its fingerprint and ``known`` (what the
+    store was last brought in line with) both match the files now and no decision has changed
+    with the days since it was made; else the files read anew. Raises the reader's ExtractError,
+    naming file, line and column, before anything is changed."""
+    now = fingerprint(directory, policy)
+    index = ExtractIndex.open(index_file)
+    if index is not None:
+        decided_on, turns = index.meta("decided_on"), index.meta("turns")
+        same_days = decided_on is not None and decided_on <= policy.today.isoformat() and (
+            turns is None or policy.today.isoformat() < turns)
+        if index.meta("fingerprint") == now == known and same_days:
+            return Prepared(index, now, index.meta("summary"), read=False)
+        index.close()
+    return Prepared(*build(directory, index_file, policy, now), read=True)
+
+
+def build(directory: str | Path, index_file: str | Path, policy: Policy,
+          stamp: dict) -> tuple[ExtractIndex, dict, dict]:
+    """Read every file of the extract into a new index: (index, fingerprint, summary)."""
+    root = check_directory(directory)
+    writer = IndexWriter(index_file)
+    try:
+        charged: dict[str, list[str]] = {}
+        turns = _Turns(policy)
+        latest = _latest_consent(_charged(read_consent(root), "consent.csv", charged))
+        writer.add_medications(_charged(read_medications(root), "medications.csv", charged))
+        writer.add_allergies(_charged(read_allergies(root), "allergies.csv", charged))
+        writer.add_groups(load_groups(root))
+        writer.add_patients(
+            (patient, is_valid(patient.nhs_number), own_reason(patient, policy),
+             *_consent(latest.get(patient.patient_id)))
+            for patient in turns.noting(read_patients(root, policy.today, charged)))
+        writer.seal()
+        summary = summarise_stored(decisions(writer, policy))
+    except BaseException:
+        writer.abandon()
+        raise
+    meta = {"fingerprint": stamp, "summary": summary, "decided_on": policy.today.isoformat(),
+            "turns": turns.day.isoformat() if turns.day else None}
+    return writer.finish(meta), stamp, summary
+
+
+class _Turns:
+    """The earliest day after today on which one of the decisions would change: a date in the
+    future stops being one (the row is malformed until then), or a national summary becomes old
+    enough to update (``update_existing_after_days``). Until that day, an index made today gives
+    the decisions of any later day."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.day: date | None = None
+
+    def noting(self, patients: Iterable[Patient]) -> Iterator[Patient]:
+        today, days = self.policy.today, self.policy.update_existing_after_days
+        for patient in patients:
+            for value in (patient.birth_date, patient.registered_on, patient.left_on,
+                          patient.deceased_on):
+                if value is not None and value > today:
+                    self._see(value)
+            if days is not None and patient.has_national_summary and patient.registered_on:
+                updatable = patient.registered_on + timedelta(days=days + 1)
+                if updatable > today:
+                    self._see(updatable)
+            yield patient
+
+    def _see(self, day: date) -> None:
+        if self.day is None or day < self.day:
+            self.day = day
+
+
+def _charged(pairs: Iterable[tuple[_Record, list[str]]], file: str,
+             charged: dict[str, list[str]]) -> Iterator[_Record]:
+    for record, problems in pairs:
+        charge(charged, file, record.patient_id, record.row, problems)
+        yield record
+
+
+def _latest_consent(entries: Iterable[ConsentEntry]) -> dict[str, ConsentEntry]:
+    """Each patient's latest consent entry, as ``latest_consent_entry`` picks it (a dated entry
+    beats an undated one; then the later date; then the later row), one entry kept per patient."""
+    latest: dict[str, ConsentEntry] = {}
+    for entry in entries:
+        kept = latest.get(entry.patient_id)
+        if kept is None or _consent_order(entry) > _consent_order(kept):
+            latest[entry.patient_id] = entry
+    return latest
+
+
+def _consent_order(entry: ConsentEntry) -> tuple:
+    return (entry.recorded_on is not None, entry.recorded_on or date.min, entry.row)
+
+
+def _consent(entry: ConsentEntry | None) -> tuple[str | None, date | None]:
+    if entry is None:
+        return None, None
+    return LEGACY_CONSENT.get(entry.code, entry.code), entry.recorded_on
+
+
+def decisions(source: ExtractIndex | IndexWriter, policy: Policy) -> Iterator[StoredDecision]:
+    """Every row's decision, in file order, from an index's rows."""
+    duplicated_ids, duplicated_numbers = source.duplicated()
+    for row, pid, nhs, valid, own, consent in source.rows():
+        duplicated = pid in duplicated_ids or (bool(valid) and nhs in duplicated_numbers)
+        reason, dissent = with_consent(final_reason(own, duplicated), consent, policy)
+        yield patient_key(pid, row, duplicated_ids), pid, nhs, row, reason, dissent
+
+
+def summarise_stored(decided: Iterable[StoredDecision]) -> dict:
+    """``eligibility.summarise``'s figures from stored decisions."""
+    by_reason: Counter = Counter()
+    total = 0
+    for _, _, _, _, reason, _ in decided:
+        total += 1
+        by_reason[reason] += 1
+    return {"total": total, "eligible": by_reason.pop(None, 0),
+            "not_required_by_reason": {r: by_reason.get(r, 0) for r in NOT_REQUIRED_REASONS}}
+
+
+__all__ = ["Prepared", "decisions", "fingerprint", "prepare"]
