@@ -9,21 +9,25 @@ check says in plain words what it found; the practice is ready when every one pa
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
+from itertools import islice
 from pathlib import Path
 
 from scr_nb.errors import ExtractError, ScrNbError
-from scr_nb.extract.eligibility import Decision, Policy, decide, latest_consent_entry, summarise
-from scr_nb.extract.reader import load_practice
-from scr_nb.extract.records import Practice
+from scr_nb.extract.eligibility import Policy
+from scr_nb.extract.prepared import decisions, prepare
+from scr_nb.extract.reader import load_details
+from scr_nb.extract.records import Patient, PracticeDetails
 from scr_nb.job.options import JobOptions, describe_duration
 from scr_nb.spine import session as sessions
 from scr_nb.spine.conformance import check_message
-from scr_nb.spine.content import Windows, select_content
+from scr_nb.spine.content import SummaryContent, Windows, select_content
 from scr_nb.spine.gp_summary import Author, build_message, new_id
 from scr_nb.spine.tls import TlsSettings, check_connection
+from scr_nb.store.extract_index import ExtractIndex
 from scr_nb.store.states import Mode
 
 SAMPLE = 25   # messages built and checked: the first patients, plus each kind of summary found
@@ -68,14 +72,17 @@ def run_preflight(practice_dir: str | Path, spine: str, session_path: str | Path
     options = options or JobOptions(mode=Mode.RUN)
     now = now or (lambda: datetime.now(timezone.utc))
     report = Preflight()
-    practice = decisions = None
+    today = now().astimezone().date()
+    policy = Policy(today=today, dissent=options.dissent,
+                    update_existing_after_days=options.update_existing_after_days)
+    # The extract is read as a job reads it, into an index of its own that goes with the check:
+    # memory stays flat whatever the practice's size.
+    scratch = tempfile.TemporaryDirectory(prefix="scr-nb-preflight-")
+    prepared = details = None
     try:
-        practice = load_practice(practice_dir, today=now().astimezone().date())
-        decisions = decide(practice, Policy(today=now().astimezone().date(),
-                                            dissent=options.dissent,
-                                            update_existing_after_days=
-                                            options.update_existing_after_days))
-        report.counts = summarise(decisions)
+        details = load_details(practice_dir)
+        prepared = prepare(practice_dir, Path(scratch.name) / "extract", policy)
+        report.counts = prepared.summary
         eligible = report.counts["eligible"]
         report.add("extract", eligible > 0,
                    f"the extract reads: {report.counts['total']} patients, {eligible} eligible"
@@ -99,9 +106,15 @@ def run_preflight(practice_dir: str | Path, spine: str, session_path: str | Path
         except ScrNbError as err:
             report.add(name, False, f"{what}: {err}")
 
-    if practice is not None and decisions is not None:
-        _check_messages(report, practice, decisions, session, options, now(), sample)
-        _check_timing(report, report.counts["eligible"], session, options, now())
+    try:
+        if prepared is not None:
+            _check_messages(report, prepared.index, policy, details, session, options, now(),
+                            sample)
+            _check_timing(report, report.counts["eligible"], session, options, now())
+    finally:
+        if prepared is not None:
+            prepared.index.close()
+        scratch.cleanup()
     return report
 
 
@@ -123,55 +136,66 @@ def _check_session(report: Preflight, path: str | Path, now: datetime):
     return session
 
 
-def _sample(practice: Practice, decisions: list[Decision], size: int,
-            windows: Windows) -> list[Decision]:
+@dataclass(frozen=True)
+class _Sampled:
+    key: str
+    patient: Patient
+    dissent_on: date | None
+    dissent: bool
+    content: SummaryContent
+
+
+def _sample(index: ExtractIndex, policy: Policy, size: int,
+            windows: Windows) -> list[_Sampled]:
     """The first eligible patients, plus the first of each kind of summary (dissent, nothing to
-    send, each medication kind, allergies), so every shape of message is checked."""
-    eligible = [d for d in decisions if d.eligible]
-    chosen = {d.key: d for d in eligible[:size]}
-    kinds: dict[str, Decision] = {}
-    for decision in eligible:
-        pid = decision.patient.patient_id
-        content = select_content(practice.medications.get(pid, ()),
-                                 practice.allergies.get(pid, ()), windows)
-        kind = ("dissent" if decision.dissent else "repeat" if content.repeat
-                else "discontinued" if content.discontinued else "acute" if content.acute
-                else "allergy" if content.allergies else "nothing")
-        kinds.setdefault(kind, decision)
-        if len(kinds) == 6:
-            break
-    chosen.update({d.key: d for d in kinds.values()})
+    send, each medication kind, allergies), so every shape of message is checked. The eligible
+    patients are read from the index a batch at a time until every kind has been seen."""
+    eligible = ((key, row, dissent) for key, _, _, row, reason, dissent
+                in decisions(index, policy) if reason is None)
+    chosen: dict[str, _Sampled] = {}
+    kinds: dict[str, _Sampled] = {}
+    while len(kinds) < 6 and (batch := list(islice(eligible, 500))):
+        patients = index.patients([row for _, row, _ in batch])
+        medications, allergies = index.clinical([p.patient_id for p, _ in patients.values()])
+        for key, row, dissent in batch:
+            patient, consent_on = patients[row]
+            content = select_content(medications.get(patient.patient_id, ()),
+                                     allergies.get(patient.patient_id, ()), windows)
+            sampled = _Sampled(key, patient, consent_on if dissent else None, dissent, content)
+            if len(chosen) < size:
+                chosen[key] = sampled
+            kind = ("dissent" if dissent else "repeat" if content.repeat
+                    else "discontinued" if content.discontinued else "acute" if content.acute
+                    else "allergy" if content.allergies else "nothing")
+            kinds.setdefault(kind, sampled)
+    chosen.update({sampled.key: sampled for sampled in kinds.values()})
     return list(chosen.values())
 
 
-def _check_messages(report: Preflight, practice: Practice, decisions: list[Decision], session,
-                    options: JobOptions, now: datetime, size: int) -> None:
+def _check_messages(report: Preflight, index: ExtractIndex, policy: Policy,
+                    details: PracticeDetails, session, options: JobOptions, now: datetime,
+                    size: int) -> None:
     author = Author(user_id=session.user_id if session else "", name=session.name if session else "",
                     role_profile_id=session.role_profile_id if session else "",
-                    sender_asid=practice.details.asid or options.sender_asid,
+                    sender_asid=details.asid or options.sender_asid,
                     receiver_asid=options.receiver_asid,
-                    practice_ods=practice.details.ods_code or options.practice_ods,
-                    practice_name=practice.details.name or options.practice_name)
+                    practice_ods=details.ods_code or options.practice_ods,
+                    practice_name=details.name or options.practice_name)
     windows = Windows(now.astimezone().date())
     breaches: dict[str, list[str]] = {}
     built = 0
-    for decision in _sample(practice, decisions, size, windows):
-        pid = decision.patient.patient_id
-        content = select_content(practice.medications.get(pid, ()),
-                                 practice.allergies.get(pid, ()), windows)
-        consent = latest_consent_entry(practice.consent.get(pid)) if decision.dissent else None
+    for sampled in _sample(index, policy, size, windows):
         try:
-            message = build_message(decision.patient, content, author=author,
+            message = build_message(sampled.patient, sampled.content, author=author,
                                     message_id=new_id(), event_id=new_id(),
                                     created=now.astimezone().replace(tzinfo=None),
-                                    dissent=decision.dissent,
-                                    dissent_on=consent.recorded_on if consent else None)
+                                    dissent=sampled.dissent, dissent_on=sampled.dissent_on)
         except ValueError as err:
             report.add("messages", False, f"the messages cannot be built: {err}")
             return
         built += 1
         for breach in check_message(message.body, message.content_type):
-            breaches.setdefault(breach.describe(), []).append(pid)
+            breaches.setdefault(breach.describe(), []).append(sampled.patient.patient_id)
     if breaches:
         report.add("messages", False, "built messages break the Spine's rules: " + "; ".join(
             f"{rule} (patients {', '.join(pids[:3])})" for rule, pids in breaches.items()))
