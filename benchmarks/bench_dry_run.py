@@ -1,13 +1,17 @@
 """The eligibility dry run against one plain csv pass (issue 11, SPEC 11).
 
-A synthetic practice is written once into a temporary directory (not timed). Then, in the same run
-and alternating, the columnar dry run (``scr_nb.extract.columnar.dry_run``) and one plain Python
-``csv.reader`` pass over every CSV file of the extract are timed (best of ``--repeat``); the ratio is
-dry run over csv pass. Peak RSS is the dry run's alone, measured in a fresh subprocess that does
-nothing else (ru_maxrss). The dry run's counts are checked against the synthesiser's design.
-Prints one JSON object.
+A synthetic practice is written into a temporary directory (not timed), or into ``--keep DIR``,
+where one written earlier for the same size and seed is reused with the date it was written for.
+Then, in the same run and alternating, the columnar dry run (``scr_nb.extract.columnar.dry_run``)
+and one plain Python ``csv.reader`` pass over every CSV file of the extract are timed (best of
+``--repeat``); the ratio is dry run over csv pass. Peak RSS is the dry run's alone, measured in a
+fresh subprocess that does nothing else (ru_maxrss), with the CPU seconds the dry run took there on
+all its threads: on a machine others are using, CPU seconds tell the work done when the wall clock
+cannot. The load average is taken before the timings. The dry run's counts are checked against the
+synthesiser's design. Prints one JSON object.
 
 Example: .venv/bin/python benchmarks/bench_dry_run.py --patients 200000
+         .venv/bin/python benchmarks/bench_dry_run.py --patients 1000000 --repeat 1 --keep /tmp/bench1m
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from datetime import date, datetime, timezone
 from pathlib import Path
 
 from scr_nb.extract.columnar import dry_run
 from scr_nb.extract.eligibility import Policy
-from scr_nb.sim.synth import write_practice
+from scr_nb.sim.synth import SynthSummary, write_practice
 
 SEED = 20240611
 # The issue's targets: ratio and MB at 200,000 patients; seconds and MB at 1,000,000.
@@ -45,29 +50,47 @@ def csv_pass(directory: Path) -> int:
     return rows
 
 
-def peak_rss_mb_of_dry_run(directory: Path, today: date) -> tuple[float, float]:
-    """(peak RSS in MB, seconds) of a dry run in a fresh process."""
+def peak_rss_mb_of_dry_run(directory: Path, today: date) -> tuple[float, float, float]:
+    """(peak RSS in MB, seconds, CPU seconds) of a dry run in a fresh process."""
     code = (
         "import json, resource, sys, time\n"
         "from datetime import date\n"
         "from scr_nb.extract.columnar import dry_run\n"
         "from scr_nb.extract.eligibility import Policy\n"
-        "t = time.perf_counter()\n"
+        "t, cpu = time.perf_counter(), time.process_time()\n"
         f"dry_run({str(directory)!r}, Policy(today=date.fromisoformat({today.isoformat()!r})))\n"
-        "t = time.perf_counter() - t\n"
+        "t, cpu = time.perf_counter() - t, time.process_time() - cpu\n"
         "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "print(json.dumps([peak / (1024 * 1024 if sys.platform == 'darwin' else 1024), t]))\n"
+        "print(json.dumps([peak / (1024 * 1024 if sys.platform == 'darwin' else 1024), t, cpu]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    peak, seconds = json.loads(out.stdout)
-    return round(peak, 1), round(seconds, 3)
+    peak, seconds, cpu = json.loads(out.stdout)
+    return round(peak, 1), round(seconds, 3), round(cpu, 3)
+
+
+def practice(patients: int, work: Path) -> SynthSummary:
+    """The practice of this size in ``work``: the one written there before, if its summary (saved
+    last, so only a complete practice has one) says so, or a new one. A practice written on an
+    earlier day keeps that day as its today, so its designed counts still hold."""
+    directory = work / f"practice-{patients}"
+    saved = directory / "synth.json"
+    if saved.exists():
+        known = json.loads(saved.read_text())
+        if known["patients"] == patients and known["seed"] == SEED:
+            return SynthSummary(**{**known, "out_dir": directory,
+                                   "today": date.fromisoformat(known["today"])})
+        saved.unlink()
+    synth = write_practice(directory, patients, SEED, today=date.today())
+    saved.write_text(json.dumps({**asdict(synth), "out_dir": str(directory),
+                                 "today": synth.today.isoformat()}))
+    return synth
 
 
 def measure(patients: int, repeat: int, work: Path) -> dict:
-    today = date.today()
-    directory = work / f"practice-{patients}"
-    synth = write_practice(directory, patients, SEED, today=today)
+    synth = practice(patients, work)
+    directory, today = synth.out_dir, synth.today
     policy = Policy(today=today)
+    load = [round(x, 2) for x in os.getloadavg()]
     dry, plain = [], []
     summary = None
     for _ in range(repeat):
@@ -77,7 +100,7 @@ def measure(patients: int, repeat: int, work: Path) -> dict:
         t = time.perf_counter()
         summary = dry_run(directory, policy)
         dry.append(time.perf_counter() - t)
-    peak, fresh_seconds = peak_rss_mb_of_dry_run(directory, today)
+    peak, fresh_seconds, fresh_cpu = peak_rss_mb_of_dry_run(directory, today)
     result = {
         "patients": patients,
         "extract_mb": round(sum(p.stat().st_size for p in directory.glob("*.csv")) / 1e6, 1),
@@ -85,10 +108,12 @@ def measure(patients: int, repeat: int, work: Path) -> dict:
         "csv_pass_s": round(min(plain), 3),
         "ratio": round(min(dry) / min(plain), 2),
         "dry_run_s_fresh_process": fresh_seconds,
+        "dry_run_cpu_s_fresh_process": fresh_cpu,
         "peak_rss_mb": peak,
         "counts_as_designed": (summary["not_required_by_reason"] == synth.expected_reasons
                                and summary["eligible"] == synth.expected_eligible),
         "eligible": summary["eligible"],
+        "load_average_before": load,
     }
     target = TARGETS.get(patients)
     if target:
@@ -105,9 +130,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, nargs="+", default=[200_000])
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds; the best is kept")
+    parser.add_argument("--keep", type=Path, help="write practices here and reuse them between runs")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-dry-run-", dir=os.environ.get("BENCH_DIR")) as work:
-        results = [measure(n, args.repeat, Path(work)) for n in args.patients]
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        results = [measure(n, args.repeat, args.keep) for n in args.patients]
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-dry-run-",
+                                         dir=os.environ.get("BENCH_DIR")) as work:
+            results = [measure(n, args.repeat, Path(work)) for n in args.patients]
     print(json.dumps({
         "benchmark": "dry_run",
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -5,17 +5,25 @@ The row-at-a-time reader stays the definition. This path only takes files it can
 that reader would (plain UTF-8 CSV whose quotes are whole quoted fields, one field count per row,
 fields of sane size); for anything else, and for every file-level problem, it hands the whole
 extract to ``load_practice``, so errors are the row reader's own ``ExtractError`` word for word.
-Values that decide a row (dates, flags, codes, kinds) are few and repeat, so each distinct value
-is judged once by the row reader's own functions and the verdicts are spread back over the rows.
+
+Each file is cut into pieces at record boundaries (line breaks with an even count of quotes before
+them), and the pieces are checked, parsed and judged on a few threads at once: numpy and pyarrow
+let go of the GIL, and pyarrow alone parses a file whose quoted fields hold line breaks on one
+thread. Everything about a patient row except duplicates, problems charged from other files and
+dissent is decided within its piece; those three are put in once every piece is read. Values that
+decide a row are few and repeat, so each distinct value is judged once by the row reader's own
+functions, except dates of the plain ``YYYY-MM-DD`` shape, which numpy reads directly.
 """
 
 from __future__ import annotations
 
 import csv
-import re
-from collections.abc import Callable
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +43,18 @@ from scr_nb.store.states import NOT_REQUIRED_REASONS
 _BOM = b"\xef\xbb\xbf"
 # What str.strip() removes among ASCII characters (the non-ASCII ones send a file to the row reader).
 _ASCII_WHITESPACE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
-# A quoted field: an opening quote, anything with quotes doubled, a closing quote; it must sit between
-# commas or line breaks to be a whole field.
-_QUOTED_FIELD = re.compile(rb'"[^"]*(?:""[^"]*)*"')
-_FIELD_START = np.frombuffer(b",\n", dtype=np.uint8)
-_FIELD_END = np.frombuffer(b",\r\n", dtype=np.uint8)
+_COMMA, _LF, _CR, _QUOTE = b",\n\r\""
 # The row reader names a patient row with a blank id like this; a real id of that shape could
 # collide with it, so such an extract goes to the row reader.
 _BLANK_ID_PREFIX = "(blank id, line"
+
+_PIECE = 1 << 23   # bytes of records read, checked and parsed as one piece
+# Threads working on pieces: beyond a few, the reading in the main thread is what waits.
+_WORKERS = min(os.cpu_count() or 1, 4)
+_AHEAD = 2 * _WORKERS   # pieces in flight at once: what bounds memory
+
+_REASON = {reason: i for i, reason in enumerate(NOT_REQUIRED_REASONS)}
+_ELIGIBLE = len(NOT_REQUIRED_REASONS)   # the reason index of a row no reason applies to
 
 
 class _Fallback(Exception):
@@ -66,158 +78,180 @@ def dry_run(directory: str | Path, policy: Policy) -> dict:
 
 
 def _dry_run(root: Path, policy: Policy) -> dict:
-    # The files in the row reader's order, so the first broken one is the one it would name.
-    charged: set[str] = set()
-    dissenting = _dissenting(_read(root / "consent.csv", ("patient_id", "code", "recorded_on")),
-                             charged)
-    for batch in _batches(root / "medications.csv", _MEDICATION_COLUMNS):
-        charged |= _charged(batch, _medication_problems(batch))
-    for batch in _batches(root / "allergies.csv", _ALLERGY_COLUMNS):
-        charged |= _charged(batch, _allergy_problems(batch))
-    if (root / "groups.csv").exists():
-        for _ in _batches(root / "groups.csv", ()):
-            pass   # only its file-level problems matter here
-    patients = _read(root / "patients.csv", _PATIENT_COLUMNS)
-    return _decide(patients, policy, charged, dissenting)
+    pool = ThreadPoolExecutor(_WORKERS)
+    try:
+        # patients.csv first, so that its duplicates are found while the other files are read.
+        patients = [rows for _, rows in _in_order(pool, _tasks(root, (
+            ("patients.csv", _PATIENT_COLUMNS, partial(_patient_piece, policy=policy)),)))]
+        duplicates = pool.submit(_duplicates, patients)
+        charged: set[str] = set()
+        consent = []
+        for name, (charges, rows) in _in_order(pool, _tasks(root, _OTHER_FILES)):
+            charged |= charges
+            if name == "consent.csv":
+                consent.append(rows)
+        return _summary(patients, *duplicates.result(), charged, _dissenting(consent), policy)
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
-_MEDICATION_COLUMNS = ("patient_id", "kind", "prescribed_on", "repeat_until", "discontinued_on")
-_ALLERGY_COLUMNS = ("patient_id", "kind", "recorded_on", "negative")
-_PATIENT_COLUMNS = tuple(c for c in REQUIRED_COLUMNS["patients.csv"]
-                         if c not in ("family_name", "given_name", "sex"))
+def _tasks(root: Path, files: tuple) -> Iterator[tuple[str, Callable]]:
+    """(file name, the work on one of its pieces) for each (name, columns read, work) given."""
+    for name, columns, work in files:
+        path = root / name
+        if name == "groups.csv" and not path.exists():   # the one optional file
+            continue
+        pieces = _pieces(path)
+        header = _header(next(pieces), REQUIRED_COLUMNS[name])
+        for piece in pieces:
+            yield name, partial(_piece, piece, header, columns, work)
+
+
+def _in_order(pool: ThreadPoolExecutor, tasks: Iterator[tuple[str, Callable]]):
+    """(name, result) of every task, in order, with at most _AHEAD of them in flight."""
+    pending: deque = deque()
+    for name, task in tasks:
+        pending.append((name, pool.submit(task)))
+        if len(pending) >= _AHEAD:
+            name, future = pending.popleft()
+            yield name, future.result()
+    while pending:
+        name, future = pending.popleft()
+        yield name, future.result()
 
 
 # --- reading ----------------------------------------------------------------------------------------
 
-_CHUNK = 1 << 22   # bytes checked at a time, so memory does not grow with the file
-_BLOCK = 1 << 22   # bytes pyarrow parses at a time
-
-
-class _Plain:
-    """What a scan of a file found: its header, whether a quoted field holds a line break, and
-    whether a record is long enough to hold a field over the row reader's limit (then every
-    column is read and measured)."""
-
-    def __init__(self, header: list[str], newlines_in_values: bool, long_lines: bool):
-        self.header, self.newlines_in_values, self.long_lines = header, newlines_in_values, long_lines
-
-
-def _pieces(path: Path):
-    """The file's bytes in pieces that end at a line break outside quotes (the last one may not)."""
+def _pieces(path: Path) -> Iterator[bytes]:
+    """The file's header line, then its records in pieces of about _PIECE bytes, each ending at a
+    line break outside quotes (the last at the end of the file)."""
     try:
         f = open(path, "rb")
     except OSError:
         raise _Fallback from None
     with f:
-        carry = b""
+        header = f.readline(_PIECE)
+        if not header.endswith(b"\n") and f.read(1):
+            raise _Fallback   # a header line longer than a piece
+        yield header.removeprefix(_BOM).removesuffix(b"\n")
+        data = b""
         while True:
-            block = f.read(_CHUNK)
+            block = f.read(_PIECE)
             if not block:
-                if carry:
-                    yield carry
+                if data:
+                    yield data
                 return
-            data = carry + block
+            data += block
             cut = data.rfind(b"\n") + 1
             # An odd count of quotes before the cut puts it inside a quoted field: cut earlier.
-            while cut and data.count(b'"', 0, cut) % 2:
-                cut = data.rfind(b"\n", 0, cut - 1) + 1
-            carry = data[cut:]
+            odd = np.count_nonzero(np.frombuffer(data, dtype=np.uint8, count=cut) == _QUOTE) % 2
+            while cut and odd:
+                earlier = data.rfind(b"\n", 0, cut - 1) + 1
+                odd ^= data.count(b'"', earlier, cut) % 2
+                cut = earlier
             if cut:
                 yield data[:cut]
+                data = data[cut:]
+            elif len(data) > _PIECE:
+                raise _Fallback   # one record longer than a piece
 
 
-def _scan(path: Path) -> _Plain:
-    """Check, a piece at a time, that pyarrow will read this file exactly as the row reader does:
-    UTF-8 without NUL bytes, line breaks LF or CRLF, quotes only around whole fields, a plain
-    header naming the required columns once each. Anything else is _Fallback."""
-    required = REQUIRED_COLUMNS[path.name]
-    header = None
-    newlines_in_values = long_lines = False
-    for piece in _pieces(path):
-        if header is None:
-            if piece.startswith(_BOM):
-                piece = piece[len(_BOM):]
-            first = piece.split(b"\n", 1)[0].rstrip(b"\r")
-            if not first.strip() or b'"' in first:
-                raise _Fallback
-            try:
-                header = [h.strip() for h in next(csv.reader([first.decode("utf-8")]))]
-            except (UnicodeDecodeError, csv.Error, StopIteration):
-                raise _Fallback from None
-            if len(set(header)) != len(header) or any(c not in header for c in required):
-                raise _Fallback
-        if b"\x00" in piece or (b"\r" in piece and piece.count(b"\r") != piece.count(b"\r\n")):
-            raise _Fallback
+def _header(line: bytes, required: tuple[str, ...]) -> list[str]:
+    """The header's column names, when it is a plain line naming the required columns once each."""
+    line = line.removesuffix(b"\r")
+    if not line.strip() or any(c in line for c in (_QUOTE, _CR, 0)):
+        raise _Fallback   # no header, or one the csv module would read its own way
+    try:
+        header = [h.strip() for h in next(csv.reader([line.decode("utf-8")]))]
+    except (UnicodeDecodeError, csv.Error, StopIteration):
+        raise _Fallback from None
+    if len(set(header)) != len(header) or any(c not in header for c in required):
+        raise _Fallback
+    return header
+
+
+def _piece(piece: bytes, header: list[str], columns: tuple[str, ...], work: Callable):
+    """``work`` over the named columns of one piece of records."""
+    return work(_records(piece, header, columns))
+
+
+def _records(piece: bytes, header: list[str], columns: tuple[str, ...]) -> dict[str, pa.Array]:
+    """The named columns of a piece of records as strings, when pyarrow reads them exactly as the
+    row reader does: UTF-8 without NUL bytes, line breaks LF or CRLF, quotes only around whole
+    fields, no field over the row reader's limit. Anything else is _Fallback."""
+    if not piece.isascii():
         try:
-            pa.Array.from_buffers(pa.string(), 1, [
-                None, pa.array([0, len(piece)], pa.int32()).buffers()[1], pa.py_buffer(piece),
+            pa.Array.from_buffers(pa.large_string(), 1, [
+                None, pa.array([0, len(piece)], pa.int64()).buffers()[1], pa.py_buffer(piece),
             ]).validate(full=True)
         except pa.ArrowInvalid:
             raise _Fallback from None
-        if b'"' in piece:
-            # Each quoted field becomes one NUL (the file has none), then its neighbours are checked.
-            rest = _QUOTED_FIELD.sub(b"\x00", piece)
-            if b'"' in rest:
-                raise _Fallback
-            chars = np.frombuffer(rest, dtype=np.uint8)
-            fields = np.flatnonzero(chars == 0)
-            before = chars[fields[fields > 0] - 1]
-            after = chars[fields[fields < len(chars) - 1] + 1]
-            if not (np.isin(before, _FIELD_START).all() and np.isin(after, _FIELD_END).all()):
-                raise _Fallback
-            newlines_in_values = newlines_in_values or rest.count(b"\n") != piece.count(b"\n")
-            del rest
-        # A record no longer than the limit holds no field longer than it (a character is a byte
-        # or more); records end at the line breaks with an even count of quotes before them.
-        chars = np.frombuffer(piece, dtype=np.uint8)
-        breaks = np.flatnonzero(chars == 10)
-        if newlines_in_values:
-            quotes = np.flatnonzero(chars == 34)
-            breaks = breaks[np.searchsorted(quotes, breaks) % 2 == 0]
-        bounds = np.concatenate(([-1], breaks, [len(piece)]))
-        if np.diff(bounds).max() - 1 > MAX_FIELD_CHARS:
-            long_lines = True
-    if header is None:
-        raise _Fallback   # an empty file: the row reader says it has no header
-    return _Plain(header, newlines_in_values, long_lines)
-
-
-def _batches(path: Path, columns: tuple[str, ...] | None = None, *, whole: bool = False):
-    """The file's columns as strings, as record batches (or one table when ``whole``); ``columns``
-    None reads them all. A field over the row reader's limit is _Fallback."""
-    plain = _scan(path)
-    names = [f"c{i}" for i in range(len(plain.header))]
-    by_name = dict(zip(plain.header, names))
-    measure = plain.long_lines
-    wanted = plain.header if columns is None or measure else list(columns)
-    options = dict(
-        read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, block_size=_BLOCK),
-        parse_options=pacsv.ParseOptions(newlines_in_values=plain.newlines_in_values),
-        convert_options=pacsv.ConvertOptions(
-            column_types={n: pa.string() for n in names}, strings_can_be_null=False,
-            quoted_strings_can_be_null=False, include_columns=[by_name[c] for c in wanted]),
-    )
+    if piece.find(b"\x00") >= 0:
+        raise _Fallback
+    chars = np.frombuffer(piece, dtype=np.uint8)
+    # Where the line breaks, carriage returns and quotes are, found in one pass.
+    marks = np.flatnonzero((chars == _LF) | (chars == _CR) | (chars == _QUOTE))
+    kind = chars.take(marks)
+    returns = np.flatnonzero(kind == _CR)
+    if len(returns) and (returns[-1] == len(marks) - 1 or not (
+            (marks.take(returns + 1) == marks.take(returns) + 1)
+            & (kind.take(returns + 1) == _LF)).all()):
+        raise _Fallback   # a carriage return that is not part of a CRLF
+    is_quote, line_break = kind == _QUOTE, kind == _LF
+    if is_quote.any():
+        _check_quotes(chars, marks[is_quote])
+        # A line break with an odd count of quotes before it is inside a quoted field.
+        line_break_inside = line_break & np.logical_xor.accumulate(is_quote)
+        line_break &= ~line_break_inside
+        newlines_in_values = bool(line_break_inside.any())
+    else:
+        newlines_in_values = False
+    ends = marks[line_break]
+    # A record no longer than the limit holds no field longer than it (a character is a byte or
+    # more); a longer one has every column read and measured.
+    measure = np.diff(ends, prepend=-1, append=len(chars)).max() - 1 > MAX_FIELD_CHARS
+    names = [f"c{i}" for i in range(len(header))]
+    by_name = dict(zip(header, names))
     try:
-        if whole:
-            batches = [pacsv.read_csv(path, **options)]
-        else:
-            batches = pacsv.open_csv(path, **options)
-        for batch in batches:
-            if measure:
-                for column in batch.columns:
-                    if len(column) and pc.max(pc.utf8_length(column)).as_py() > MAX_FIELD_CHARS:
-                        raise _Fallback   # the row reader cuts the field and makes its row malformed
-            yield {c: batch.column(by_name[c]) for c in (columns or plain.header)}
+        table = pacsv.read_csv(
+            pa.BufferReader(piece),
+            read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
+            parse_options=pacsv.ParseOptions(newlines_in_values=newlines_in_values),
+            convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.string() for n in names}, strings_can_be_null=False,
+                quoted_strings_can_be_null=False, check_utf8=False,
+                include_columns=names if measure else [by_name[c] for c in columns]))
     except pa.ArrowException:
-        raise _Fallback from None   # ragged rows, broken quotes...
+        raise _Fallback from None   # ragged rows...
+    if measure:
+        for column in table.columns:
+            if len(column) and pc.max(pc.utf8_length(column)).as_py() > MAX_FIELD_CHARS:
+                raise _Fallback   # the row reader cuts the field and makes its row malformed
+    return {c: _one_chunk(table.column(by_name[c])) for c in columns}
 
 
-def _read(path: Path, columns: tuple[str, ...] | None = None) -> dict[str, pa.ChunkedArray]:
-    """A whole file's columns (or the ones named) as strings."""
-    return next(_batches(path, columns, whole=True))
+def _check_quotes(chars: np.ndarray, quotes: np.ndarray) -> None:
+    """_Fallback unless every quote opens a field, closes one, or is half of a doubled quote
+    inside one. Quotes alternate opening and closing, a doubled quote being a close and an open
+    side by side; the piece starts at a record boundary."""
+    if len(quotes) % 2:
+        raise _Fallback   # the file ends inside a quoted field
+    opens, closes = quotes[0::2], quotes[1::2]
+    before = chars[np.maximum(opens - 1, 0)]
+    opened = (opens == 0) | (before == _COMMA) | (before == _LF)
+    opened[1:] |= opens[1:] - 1 == closes[:-1]
+    after = chars[np.minimum(closes + 1, len(chars) - 1)]
+    closed = (closes == len(chars) - 1) | (after == _COMMA) | (after == _LF) | (after == _CR)
+    closed[:-1] |= closes[:-1] + 1 == opens[1:]
+    if not (opened.all() and closed.all()):
+        raise _Fallback
 
 
-def _stripped(column: pa.ChunkedArray) -> pa.ChunkedArray:
+def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def _stripped(column: pa.Array) -> pa.Array:
     """``str.strip()`` over a column; ASCII only, since pyarrow's idea of Unicode whitespace is
     not Python's."""
     if len(column) and not pc.all(pc.string_is_ascii(column)).as_py():
@@ -225,20 +259,43 @@ def _stripped(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.utf8_trim(column, characters=_ASCII_WHITESPACE)
 
 
-def _judged(column: pa.ChunkedArray, judge: Callable[[str], object], dtype) -> np.ndarray:
+def _judged(column: pa.Array, judge: Callable[[str], object], dtype) -> np.ndarray:
     """``judge(value)`` for every row, computed once per distinct value."""
     if len(column) == 0:
         return np.zeros(0, dtype=dtype)
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()   # one dictionary for the whole column
     encoded = pc.dictionary_encode(column)
     verdicts = np.array([judge(value) for value in encoded.dictionary.to_pylist()], dtype=dtype)
     return verdicts[encoded.indices.to_numpy()]
 
 
-# --- the row reader's checks, one distinct value at a time ------------------------------------------
+def _fixed_width(column: pa.Array, width: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(the rows whose value is ``width`` bytes long, the j-th byte of each of those values for
+    every j below ``width``)."""
+    _, offsets, data = column.buffers()
+    offsets = np.frombuffer(offsets, dtype=np.int32)[column.offset:column.offset + len(column) + 1]
+    rows = np.flatnonzero(np.diff(offsets) == width)
+    if len(rows) == 0:
+        return rows, [np.zeros(0, dtype=np.uint8)] * width
+    chars = np.frombuffer(data, dtype=np.uint8)
+    if offsets[-1] - offsets[0] == width * len(rows):   # the other values are blank
+        values = chars[offsets[0]:offsets[-1]].reshape(len(rows), width)
+        return rows, [values[:, j] for j in range(width)]
+    starts = offsets.take(rows)
+    return rows, [chars.take(starts + j) for j in range(width)]
 
-@lru_cache(maxsize=65536)   # the same few thousand dates come back in every batch
+
+def _digits(chars: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(whether every byte given is an ASCII digit, their values), row by row."""
+    values = [c - np.uint8(ord("0")) for c in chars]   # below "0" wraps round to over 9
+    digits = np.ones(len(chars[0]), dtype=bool)
+    for value in values:
+        digits &= value <= 9
+    return digits, [v.astype(np.int32) for v in values]
+
+
+# --- the row reader's checks, over columns ----------------------------------------------------------
+
+@lru_cache(maxsize=65536)   # the same few thousand dates come back in every piece
 def _date_ordinal(raw: str) -> int:
     """The date's ordinal; 0 when blank, -1 when it does not parse."""
     text = raw.strip()
@@ -248,10 +305,44 @@ def _date_ordinal(raw: str) -> int:
     return -1 if parsed is None else parsed.toordinal()
 
 
-def _date_problem(column: pa.ChunkedArray, *, required: bool = False,
+# The proleptic Gregorian calendar of ``date.toordinal``: the days before each year (1 to 9999) and
+# before each month (1 to 12; 0 stands for any month that is not one) in plain and leap years.
+_YEARS = np.arange(10_000, dtype=np.int64)
+_LEAP = ((_YEARS % 4 == 0) & ((_YEARS % 100 != 0) | (_YEARS % 400 == 0))).astype(np.int32)
+_BEFORE_YEAR = (_YEARS - 1) * 365 + (_YEARS - 1) // 4 - (_YEARS - 1) // 100 + (_YEARS - 1) // 400
+_MONTH_DAYS = np.array([[0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31],
+                        [0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]], dtype=np.int64)
+_BEFORE_MONTH = np.cumsum(_MONTH_DAYS, axis=1) - _MONTH_DAYS
+
+
+def _date_ordinals(column: pa.Array) -> np.ndarray:
+    """``_date_ordinal`` for every row. A value of exactly the shape 0000-00-00 in ASCII digits is
+    what ``parse_date`` reads with ``date.fromisoformat``: numpy reads it the same way (a real day
+    of the years 1 to 9999, or -1); the few other non-blank values go to ``_date_ordinal``."""
+    ordinal = np.zeros(len(column), dtype=np.int64)
+    rows, chars = _fixed_width(column, 10)
+    shaped, (y1, y2, y3, y4, m1, m2, d1, d2) = _digits([chars[j] for j in (0, 1, 2, 3, 5, 6, 8, 9)])
+    shaped &= (chars[4] == ord("-")) & (chars[7] == ord("-"))
+    year = np.where(shaped, ((y1 * 10 + y2) * 10 + y3) * 10 + y4, 0)
+    month = m1 * 10 + m2
+    month = np.where(shaped & (month <= 12), month, 0)
+    day = d1 * 10 + d2
+    calendar = _LEAP.take(year) * _MONTH_DAYS.shape[1] + month
+    real = shaped & (year >= 1) & (day >= 1) & (day <= _MONTH_DAYS.take(calendar))
+    ordinal[rows] = np.where(real, _BEFORE_YEAR.take(year) + _BEFORE_MONTH.take(calendar) + day, -1)
+    other = np.diff(np.frombuffer(column.buffers()[1], dtype=np.int32)[
+        column.offset:column.offset + len(column) + 1]) > 0
+    other[rows[shaped]] = False
+    if other.any():
+        rest = np.flatnonzero(other)
+        ordinal[rest] = _judged(column.take(pa.array(rest)), _date_ordinal, np.int64)
+    return ordinal
+
+
+def _date_problem(column: pa.Array, *, required: bool = False,
                   today: date | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(problem per row, ordinal per row: 0 blank, -1 not a date), as ``_Row.date`` sees them."""
-    ordinal = _judged(column, _date_ordinal, np.int64)
+    ordinal = _date_ordinals(column)
     problem = ordinal < 0
     if required:
         problem |= ordinal == 0
@@ -266,88 +357,109 @@ def _flag(raw: str) -> int:
     return 1 if text in _TRUE else 0 if text in _FALSE else -1
 
 
-def _kind_problem(column: pa.ChunkedArray, kinds: frozenset[str]) -> np.ndarray:
+def _kind_problem(column: pa.Array, kinds: frozenset[str]) -> np.ndarray:
     return _judged(column, lambda raw: raw.strip().lower() not in kinds, np.bool_)
 
 
-def _medication_problems(columns: dict[str, pa.ChunkedArray]) -> np.ndarray:
+def _charged(columns: dict[str, pa.Array], problem: np.ndarray) -> set[str]:
+    """The patient ids the problem rows of another file are charged to."""
+    if not problem.any():
+        return set()
+    bad = columns["patient_id"].filter(pa.array(problem))
+    return {pid.strip() for pid in bad.to_pylist()}
+
+
+def _nothing(columns: dict[str, pa.Array]) -> tuple[set[str], None]:
+    return set(), None
+
+
+def _medication_piece(columns: dict[str, pa.Array]) -> tuple[set[str], None]:
     problem = _kind_problem(columns["kind"], MEDICATION_KINDS)
     problem |= _date_problem(columns["prescribed_on"], required=True)[0]
     problem |= _date_problem(columns["repeat_until"])[0]
     problem |= _date_problem(columns["discontinued_on"])[0]
-    return problem
+    return _charged(columns, problem), None
 
 
-def _allergy_problems(columns: dict[str, pa.ChunkedArray]) -> np.ndarray:
+def _allergy_piece(columns: dict[str, pa.Array]) -> tuple[set[str], None]:
     problem = _kind_problem(columns["kind"], ALLERGY_KINDS)
     problem |= _date_problem(columns["recorded_on"])[0]
     problem |= _judged(columns["negative"], _flag, np.int8) < 0
-    return problem
+    return _charged(columns, problem), None
 
 
-def _charged(columns: dict[str, pa.ChunkedArray], problem: np.ndarray) -> set[str]:
-    """The patient ids the problem rows of another file are charged to."""
-    if not problem.any():
-        return set()
-    bad = pc.filter(columns["patient_id"], pa.array(problem))
-    return {pid.strip() for pid in bad.to_pylist()}
-
-
-def _dissenting(columns: dict[str, pa.ChunkedArray], charged: set[str]) -> pa.Array:
-    """The ids whose latest consent entry (by recorded_on, then file order) is dissent; the ids of
-    consent rows with problems are added to ``charged``."""
-    dissent_code = _judged(columns["code"], lambda raw: LEGACY_CONSENT.get(
+def _consent_piece(columns: dict[str, pa.Array]) -> tuple[set[str], tuple]:
+    """The ids of consent rows with problems, and (id, date ordinal, is dissent) per row."""
+    code = columns["code"]
+    dissent = _judged(code, lambda raw: LEGACY_CONSENT.get(
         normalise_consent_code(raw), normalise_consent_code(raw)) == CONSENT_DISSENT, np.bool_)
-    bad_code = _judged(columns["code"], lambda raw: normalise_consent_code(raw) not in CONSENT_CODES,
-                       np.bool_)
+    bad_code = _judged(code, lambda raw: normalise_consent_code(raw) not in CONSENT_CODES, np.bool_)
     bad_date, ordinal = _date_problem(columns["recorded_on"], required=True)
-    charged |= _charged(columns, bad_code | bad_date)
-    pids = _stripped(columns["patient_id"])
+    rows = (_stripped(columns["patient_id"]), ordinal, dissent)
+    return _charged(columns, bad_code | bad_date), rows
+
+
+def _dissenting(pieces: list[tuple]) -> pa.Array:
+    """The ids whose latest consent entry (by recorded_on, then file order) is dissent."""
+    pids = pa.concat_arrays([p[0] for p in pieces]) if pieces else pa.array([], pa.string())
     if len(pids) == 0:
-        return pa.array([], pa.string())
-    distinct = pc.unique(pids)
-    pid_index = pc.index_in(pids, value_set=distinct).to_numpy()
+        return pids
+    ordinal = np.concatenate([p[1] for p in pieces])
+    dissent = np.concatenate([p[2] for p in pieces])
+    pid_index = pc.dictionary_encode(pids).indices.to_numpy()
     # An entry without a date loses to any dated one; among equals the later row wins.
     order = np.lexsort((np.arange(len(pid_index)), np.maximum(ordinal, 0), pid_index))
     last = np.ones(len(order), dtype=bool)
     last[:-1] = pid_index[order][1:] != pid_index[order][:-1]
     latest = order[last]
-    return pc.take(pids, pa.array(latest[dissent_code[latest]]))
+    return pids.take(pa.array(latest[dissent[latest]]))
+
+
+# The files whose rows are charged to patients, in the row reader's order (groups.csv only for its
+# file-level problems).
+_OTHER_FILES = (
+    ("consent.csv", ("patient_id", "code", "recorded_on"), _consent_piece),
+    ("medications.csv", ("patient_id", "kind", "prescribed_on", "repeat_until", "discontinued_on"),
+     _medication_piece),
+    ("allergies.csv", ("patient_id", "kind", "recorded_on", "negative"), _allergy_piece),
+    ("groups.csv", ("patient_id",), _nothing),
+)
 
 
 # --- deciding ---------------------------------------------------------------------------------------
 
-def _valid_numbers(numbers: pa.ChunkedArray) -> np.ndarray:
-    """Modulus 11 over a column of normalised numbers (``is_valid`` normalises once more)."""
-    again = pc.replace_substring(pc.replace_substring(
-        pc.utf8_trim(numbers, characters=_ASCII_WHITESPACE), " ", ""), "-", "")
-    shaped = pc.match_substring_regex(again, r"^[0-9]{10}$").to_numpy(zero_copy_only=False)
-    value = np.zeros(len(shaped), dtype=np.int64)
-    if shaped.any():
-        value[shaped] = pc.cast(pc.filter(again, pa.array(shaped)), pa.int64()).to_numpy()
-    total = np.zeros(len(shaped), dtype=np.int64)
-    for place, weight in enumerate(_WEIGHTS):
-        total += (value // 10 ** (9 - place)) % 10 * weight
-    check = 11 - total % 11
+def _valid_numbers(numbers: pa.Array) -> np.ndarray:
+    """Modulus 11 over a column of normalised numbers. ``is_valid`` normalises them once more,
+    which can only strip whitespace left at their ends once their spaces and dashes are gone."""
+    rows, chars = _fixed_width(pc.utf8_trim(numbers, characters=_ASCII_WHITESPACE), 10)
+    shaped, digits = _digits(chars)
+    check = 11 - sum(d * w for d, w in zip(digits, _WEIGHTS)) % 11
     check[check == 11] = 0
-    return shaped & (check != 10) & (check == value % 10)
+    valid = np.zeros(len(numbers), dtype=bool)
+    valid[rows] = shaped & (check == digits[9])
+    return valid
 
 
-def _counts(index: np.ndarray) -> np.ndarray:
-    """How many rows share each row's value (given as an index into the distinct values)."""
-    return np.bincount(index)[index] if len(index) else np.zeros(0, dtype=np.int64)
+def _first_reason(reason: np.ndarray, masks: dict[str, np.ndarray]) -> None:
+    """Give each row the first reason in SPEC order among the one it has and those that apply."""
+    for name, mask in masks.items():
+        np.minimum(reason, np.where(mask, _REASON[name], _ELIGIBLE), out=reason)
 
 
-def _decide(columns: dict[str, pa.ChunkedArray], policy: Policy, charged: set[str],
-            dissenting: pa.Array) -> dict:
+_PATIENT_COLUMNS = tuple(c for c in REQUIRED_COLUMNS["patients.csv"]
+                         if c not in ("family_name", "given_name", "sex"))
+
+
+def _patient_piece(columns: dict[str, pa.Array], policy: Policy) -> tuple:
+    """Each row's first reason among those that need no other row or file, with what the rest
+    need: (id, normalised number, number is valid, id is blank, reason)."""
     today = policy.today
     pids = _stripped(columns["patient_id"])
     n = len(pids)
     if n and pc.any(pc.starts_with(pids, _BLANK_ID_PREFIX)).as_py():
         raise _Fallback
-    blank_id = pc.equal(pids, "").to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
-
-    malformed = blank_id.copy()
+    blank = pc.equal(pids, "").to_numpy(zero_copy_only=False)
+    malformed = blank.copy()
     for name in ("birth_date", "registered_on", "left_on", "deceased_on"):
         problem, ordinal = _date_problem(columns[name], required=name == "birth_date", today=today)
         malformed |= problem
@@ -362,40 +474,65 @@ def _decide(columns: dict[str, pa.ChunkedArray], policy: Policy, charged: set[st
         value = _judged(columns[name], _flag, np.int8)
         malformed |= value < 0
         flags[name] = value == 1
-    if charged and n:
-        malformed |= pc.is_in(pids, value_set=pa.array(sorted(charged), pa.string())).to_numpy(
-            zero_copy_only=False)
-
-    # Rows with a blank id are each their own patient in the row reader (never duplicates).
-    id_index = pc.index_in(pids, value_set=pc.unique(pids)).to_numpy() if n else np.zeros(0, np.int64)
-    duplicate = (_counts(id_index) > 1) & ~blank_id
-    numbers = _stripped(columns["nhs_number"])
-    numbers = pc.replace_substring(pc.replace_substring(numbers, " ", ""), "-", "")
-    valid = _valid_numbers(numbers) if n else np.zeros(0, bool)
-    if valid.any():
-        valid_numbers = pc.filter(numbers, pa.array(valid))
-        number_index = pc.index_in(valid_numbers, value_set=pc.unique(valid_numbers)).to_numpy()
-        duplicate[valid] |= _counts(number_index) > 1
-    no_number = pc.equal(numbers, "").to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
+    numbers = pc.replace_substring(pc.replace_substring(
+        _stripped(columns["nhs_number"]), " ", ""), "-", "")
+    valid = _valid_numbers(numbers)
     permanent = _judged(columns["registration_type"], lambda raw: raw.strip().lower() == "permanent",
                         np.bool_)
     days = policy.update_existing_after_days
     may_update = np.zeros(n, dtype=bool) if days is None else (
         (registered > 0) & (registered + days < today.toordinal()))
-    dissent = np.zeros(n, dtype=bool)
-    if policy.dissent == "exclude" and len(dissenting) and n:
-        dissent = pc.is_in(pids, value_set=dissenting).to_numpy(zero_copy_only=False)
+    reason = np.full(n, _ELIGIBLE, dtype=np.int8)
+    _first_reason(reason, {
+        "malformed_record": malformed,
+        "no_nhs_number": pc.equal(numbers, "").to_numpy(zero_copy_only=False),
+        "invalid_nhs_number": ~valid,
+        "not_permanent": ~permanent,
+        "left_practice": left,
+        "deceased": deceased,
+        "fp69": flags["fp69"],
+        "sensitive": flags["sensitive"],
+        "not_pds_synchronised": ~flags["pds_synchronised"],
+        "existing_summary": flags["has_national_summary"] & ~may_update,
+    })
+    return pids, numbers, valid, blank, reason
 
-    conditions = [
-        malformed, duplicate, no_number, ~valid, ~permanent, left, deceased, flags["fp69"],
-        flags["sensitive"], ~flags["pds_synchronised"], flags["has_national_summary"] & ~may_update,
-        dissent,
-    ]
-    reason = np.select(conditions, list(range(len(NOT_REQUIRED_REASONS))), default=-1) if n else \
-        np.zeros(0, dtype=np.int64)
-    by_reason = np.bincount(reason[reason >= 0], minlength=len(NOT_REQUIRED_REASONS))
+
+def _counts(index: np.ndarray) -> np.ndarray:
+    """How many rows share each row's value (given as an index into the distinct values)."""
+    return np.bincount(index)[index] if len(index) else np.zeros(0, dtype=np.int64)
+
+
+def _duplicates(pieces: list[tuple]) -> tuple[pa.Array, np.ndarray]:
+    """(every patient id, whether the row shares its id or its valid number with another row)."""
+    if not pieces:
+        return pa.array([], pa.string()), np.zeros(0, dtype=bool)
+    pids, numbers = (pa.concat_arrays([p[i] for p in pieces]) for i in (0, 1))
+    valid, blank = (np.concatenate([p[i] for p in pieces]) for i in (2, 3))
+    # Rows with a blank id are each their own patient in the row reader (never duplicates).
+    duplicate = (_counts(pc.dictionary_encode(pids).indices.to_numpy()) > 1) & ~blank
+    if valid.any():
+        duplicate[valid] |= _counts(pc.dictionary_encode(numbers.filter(pa.array(valid)))
+                                    .indices.to_numpy()) > 1
+    return pids, duplicate
+
+
+def _summary(pieces: list[tuple], pids: pa.Array, duplicate: np.ndarray, charged: set[str],
+             dissenting: pa.Array, policy: Policy) -> dict:
+    """``summarise``'s figures, once the reasons that need the whole extract are put in."""
+    reason = np.concatenate([p[4] for p in pieces]) if pieces else np.zeros(0, dtype=np.int8)
+    charged_rows = np.zeros(len(pids), dtype=bool)
+    if charged:
+        charged_rows = pc.is_in(pids, value_set=pa.array(sorted(charged), pa.string())).to_numpy(
+            zero_copy_only=False)
+    dissent = np.zeros(len(pids), dtype=bool)
+    if policy.dissent == "exclude" and len(dissenting):
+        dissent = pc.is_in(pids, value_set=dissenting).to_numpy(zero_copy_only=False)
+    _first_reason(reason, {"malformed_record": charged_rows, "duplicate_record": duplicate,
+                           "dissent": dissent})
+    by_reason = np.bincount(reason, minlength=_ELIGIBLE + 1)
     return {
-        "total": n,
-        "eligible": int((reason < 0).sum()),
+        "total": len(pids),
+        "eligible": int(by_reason[_ELIGIBLE]),
         "not_required_by_reason": {r: int(by_reason[i]) for i, r in enumerate(NOT_REQUIRED_REASONS)},
     }
