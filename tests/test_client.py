@@ -334,18 +334,19 @@ def test_an_unlimited_client_sends_unpaced_until_a_429_then_at_a_pace_under_its_
     assert all(wait == pytest.approx(1 / pace, rel=0.01) for wait in waits[2:]), waits
 
 
-def test_a_429_to_a_poll_holds_the_posts_for_its_retry_after():
+def test_a_429_to_a_poll_holds_the_posts_for_its_retry_after_and_brings_polls_into_the_pace():
     async def scenario():
         async with Scripted(answer(429, **{"Retry-After": "2000"}), accepted()) as spine:
             fake = FakeTime()
             async with client_for(spine.url, fake) as client:
                 pending = await client.poll(f"{spine.url}/poll/1", MESSAGE_ID)
                 await client.send(MESSAGE)
-            return pending, fake.waits
+            return pending, fake.waits, client.pacer.paces_polls
 
-    pending, waits = run(scenario)
+    pending, waits, paces_polls = run(scenario)
     assert (pending.ack, pending.status, pending.retry_after) == (None, 429, 2.0)
     assert waits == [2.0], "the POST waited out the poll's Retry-After"
+    assert paces_polls, "the Spine counts polls: from now on they take slots too"
 
 
 def test_polls_waiting_on_the_spine_never_hold_a_connection_a_post_needs():

@@ -29,13 +29,16 @@ from scr_nb.spine import session as sessions
 
 class VirtualTime:
     """A clock for the pacer and the tasks that use it: ``sleep`` parks the caller, and ``run``
-    moves the clock to the earliest wake time once every task it runs is parked."""
+    moves the clock to the earliest wake time once every task (those it was given and those
+    ``spawn``ed since) is parked."""
 
     def __init__(self, now: float = 1000.0):
         self.now = now
         self.slept: list[float] = []
         self._sleepers: list[tuple[float, int, asyncio.Future]] = []
         self._order = itertools.count()
+        self._live = 0
+        self._errors: list[BaseException] = []
 
     def clock(self) -> float:
         return self.now
@@ -46,18 +49,30 @@ class VirtualTime:
         heapq.heappush(self._sleepers, (self.now + max(0.0, seconds), next(self._order), wake))
         await wake
 
+    def spawn(self, coroutine) -> asyncio.Future:
+        task = asyncio.ensure_future(coroutine)
+        self._live += 1
+        task.add_done_callback(self._ended)
+        return task
+
+    def _ended(self, task: asyncio.Future) -> None:
+        self._live -= 1
+        if not task.cancelled() and task.exception() is not None:
+            self._errors.append(task.exception())
+
     def run(self, *coroutines):
         async def drive():
-            tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
-            while not all(task.done() for task in tasks):
-                live = sum(not task.done() for task in tasks)
-                if len(self._sleepers) < live:
+            given = [self.spawn(coroutine) for coroutine in coroutines]
+            while self._live:
+                if len(self._sleepers) < self._live:
                     await asyncio.sleep(0)
                     continue
                 when, _, wake = heapq.heappop(self._sleepers)
                 self.now = max(self.now, when)
                 wake.set_result(None)
-            return [task.result() for task in tasks]
+            if self._errors:
+                raise self._errors[0]
+            return [task.result() for task in given]
 
         return asyncio.run(drive())
 
@@ -154,8 +169,7 @@ def test_a_retry_after_holds_every_send_and_poll_that_long():
     held_from = time.now
 
     async def poll() -> float:
-        await pacer.hold()
-        return time.now
+        return await pacer.acquire_poll()
 
     slots = time.run(*(send_every(pacer, time, 0.0, 1) for _ in range(4)), poll())
     assert min(slot for sender in slots[:4] for slot in sender) >= held_from + 1.5
@@ -209,56 +223,108 @@ def test_a_rate_limit_must_be_a_positive_number():
 # --- against a Spine's token bucket, in virtual time ----------------------------------------------
 
 class TokenBucket:
-    """A Spine limiting at ``rate`` with a bucket of ``burst``, as the simulator does: a 429 with
-    the time until the next token as Retry-After."""
+    """A Spine limiting at ``rate`` with a bucket of ``burst``, as the simulator does (a 429 with
+    the time until the next token as Retry-After), counting POSTs only, as the simulator does,
+    or polls as well."""
 
-    def __init__(self, time: VirtualTime, rate: float, burst: float):
-        self.time, self.rate, self.burst = time, rate, burst
+    def __init__(self, time: VirtualTime, rate: float, burst: float, counts_polls: bool):
+        self.time, self.rate, self.burst, self.counts_polls = time, rate, burst, counts_polls
         self.tokens, self.stamp = burst, time.now
-        self.accepted: list[float] = []
-        self.refused = 0
+        self.answers: list[tuple[float, str, bool]] = []    # (time, post | poll, drew a 429)
 
-    def answer(self) -> float | None:
+    def answer(self, kind: str) -> float | None:
         now = self.time.now
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            self.accepted.append(now)
+        if kind == "poll" and not self.counts_polls or self.tokens >= 1:
+            self.tokens -= 0 if kind == "poll" and not self.counts_polls else 1
+            self.answers.append((now, kind, False))
             return None
-        self.refused += 1
+        self.answers.append((now, kind, True))
         return (1 - self.tokens) / self.rate
 
 
-@pytest.mark.parametrize("rate, burst", [(100.0, 10.0), (100.0, 1.0), (20.0, 2.0)])
-def test_an_unlimited_kit_settles_near_a_spines_limit_with_few_429s(rate, burst):
-    """Eight senders, each able to send 1,000 a second (a 1 ms round trip), for a minute against
-    a Spine limiting at ``rate``. Once settled (after the first 10 s) at least 0.9 of the limit
-    gets through and at most 2% of the POSTs draw a 429 (here about one every five seconds); the
-    first second, when the pace comes down from thousands a second, may cost a few dozen more."""
-    pacer, time = paced()
-    spine = TokenBucket(time, rate, burst)
-    start = time.now
-    settled_from, end = start + 10.0, start + 60.0
-    refused_after: list[float] = []
+def upload(pacer: Pacer, time: VirtualTime, spine: TokenBucket, seconds: float,
+           ack_delay: float = 0.0) -> None:
+    """The client's way with the pacer, for ``seconds``: eight senders POST (a 1 ms round
+    trip, so each could send 1,000 a second); each accepted message is polled every 0.1 s
+    until its ack, ``ack_delay`` after the POST; every 429 goes to the pacer, then its
+    Retry-After is waited."""
+    end = time.now + seconds
+
+    async def request(kind: str, sent_at: float) -> float | None:
+        await time.sleep(0.0005)
+        retry_after = spine.answer(kind)
+        await time.sleep(0.0005)
+        if retry_after is not None:
+            pacer.limited(sent_at, retry_after, poll=kind == "poll")
+        return retry_after
+
+    async def poll(ack_at: float) -> None:
+        wait = 0.1
+        while True:
+            await time.sleep(wait)
+            retry_after = await request("poll", await pacer.acquire_poll())
+            if retry_after is None and time.now >= ack_at:
+                return
+            wait = retry_after or 0.1
 
     async def sender() -> None:
         while time.now < end:
-            sent_at = await pacer.acquire()
-            await time.sleep(0.0005)
-            retry_after = spine.answer()
-            await time.sleep(0.0005)
-            if retry_after is not None:
-                refused_after.append(sent_at)
-                pacer.limited(sent_at, retry_after)
+            retry_after = await request("post", await pacer.acquire())
+            if retry_after is None:
+                time.spawn(poll(time.now + ack_delay))
+            else:
                 await time.sleep(retry_after)
 
     time.run(*(sender() for _ in range(8)))
-    accepted = [t for t in spine.accepted if t >= settled_from]
-    refused = [t for t in refused_after if t >= settled_from]
-    assert len(accepted) / (end - settled_from) >= 0.9 * rate
-    assert len(refused) <= 0.02 * (len(refused) + len(accepted)), (len(refused), len(accepted))
-    assert spine.refused <= 0.05 * (spine.refused + len(spine.accepted)), spine.refused
+
+
+def tally(spine: TokenBucket, since: float, until: float) -> tuple[int, int, int]:
+    """Accepted POSTs, accepted polls and 429s between two times."""
+    kept = [(kind, refused) for at, kind, refused in spine.answers if since <= at < until]
+    return (kept.count(("post", False)), kept.count(("poll", False)),
+            sum(refused for _, refused in kept))
+
+
+@pytest.mark.parametrize("rate, burst, counts_polls, ack_delay", [
+    (100.0, 10.0, False, 0.0), (100.0, 1.0, False, 0.5), (20.0, 2.0, False, 0.0),
+    (100.0, 10.0, True, 0.0), (100.0, 10.0, True, 0.5)])
+def test_an_unlimited_kit_settles_near_a_spines_limit_with_few_429s(rate, burst, counts_polls,
+                                                                   ack_delay):
+    """A minute against a Spine limiting at ``rate``: once settled (after the first 10 s) at
+    least 0.9 of the limit is used and at most 2% of the requests draw a 429 (here about one every
+    five seconds); the first second, when the pace comes down from thousands a second, costs a
+    few dozen more. With a Spine that counts polls, and messages polled six times each, polls
+    take slots from the first 429 to a poll and the pace meters every request."""
+    pacer, time = paced()
+    spine = TokenBucket(time, rate, burst, counts_polls)
+    start = time.now
+    upload(pacer, time, spine, 60.0, ack_delay)
+    posts, polls, refused = tally(spine, start + 10, start + 60)
+    used = posts + polls if counts_polls else posts
+    assert used / 50 >= 0.9 * rate, (posts, polls)
+    assert refused <= 0.02 * (posts + polls + refused), (posts, polls, refused)
+    assert pacer.paces_polls == counts_polls
+    posts, polls, refused = tally(spine, start, start + 60)
+    assert refused <= 0.05 * (posts + polls + refused), (posts, polls, refused)
+
+
+@pytest.mark.parametrize("counts_polls", [False, True])
+def test_a_rate_limit_against_a_spine_limiting_at_it_with_a_bucket_of_one(counts_polls):
+    """With ``--rate-limit 50`` against a Spine at 50 that allows no burst at all, POSTs alone
+    never draw a 429; with a Spine counting polls too, the first 429 to a poll brings the polls
+    into the pace and 429s stay rare."""
+    pacer, time = paced(limit=50.0)
+    spine = TokenBucket(time, 50.0, 1.0, counts_polls)
+    start = time.now
+    upload(pacer, time, spine, 60.0)
+    posts, polls, refused = tally(spine, start, start + 60)
+    if counts_polls:
+        assert (posts + polls) / 60 >= 0.9 * 50 and refused <= 0.01 * (posts + polls), \
+            (posts, polls, refused)
+    else:
+        assert refused == 0 and posts / 60 >= 0.98 * 50, (posts, refused)
 
 
 # --- against the simulator, in real time ----------------------------------------------------------
@@ -276,3 +342,9 @@ def test_an_unlimited_job_against_a_rate_limited_simulator_draws_few_429s(
     stats = spine.simulator.stats()
     refused = stats["transient_faults_injected"].get("429", 0)
     assert refused < 0.10 * (stats["requests"] + stats["polls"]), stats
+    traffic = spine.simulator.traffic()           # what benchmarks/bench_rate.py reads
+    seconds = traffic["per_second"]
+    assert sum(row["rate_limited_posts"] for row in seconds) == refused
+    assert sum(row["polls"] for row in seconds) == stats["polls"]
+    assert sum(row["accepted_posts"] for row in seconds) == traffic["accepted_posts"]["count"] \
+        == stats["requests"] - refused

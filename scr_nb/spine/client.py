@@ -384,13 +384,13 @@ class SpineClient:
             await self.sleep(wait)
 
     async def poll(self, poll_url: str, message_id: str = "") -> PollResult:
-        """One GET of the poll location, once the Retry-After of the last 429 has passed (a poll
-        takes no slot of the pacer; its 429 slows the POSTs as a POST's would). Pending (202) and
-        transient answers (429, 500, 502-504, no answer) give a PollResult without an ack and the
-        seconds to wait: the Retry-After when there is one, else a backoff that grows with the
-        failures in a row; never less than MIN_POLL_INTERVAL. Anything else unexpected, an ack that cannot be read, and a poll past
-        ``max_polls`` raise SpineError with POLL_FAILED or POLL_LIMIT: the Spine holds the
-        message, so the pipeline treats them as uncertain."""
+        """One GET of the poll location, when the pacer lets it go (``Pacer.acquire_poll``; a
+        429 to a poll slows the POSTs too). Pending (202) and transient answers (429, 500,
+        502-504, no answer) give a PollResult without an ack and the seconds to wait: the
+        Retry-After when there is one, else a backoff that grows with the failures in a row;
+        never less than MIN_POLL_INTERVAL. Anything else unexpected, an ack that cannot be read,
+        and a poll past ``max_polls`` raise SpineError with POLL_FAILED or POLL_LIMIT: the Spine
+        holds the message, so the pipeline treats them as uncertain."""
         if origin(poll_url) != origin(self.base_url):
             raise SpineError(f"the poll location {poll_url} is not on the Spine's origin "
                              f"({self.base_url}); it was not followed", retriable=False,
@@ -401,10 +401,9 @@ class SpineClient:
             raise SpineError(f"{polls} polls of {poll_url} brought no ack (at most "
                              f"{self.max_polls} are made); the Spine may hold the message",
                              retriable=False, codes=(POLL_LIMIT,))
-        await self.pacer.hold()
+        sent_at = await self.pacer.acquire_poll()
         headers = self._headers()
         self._count_poll(poll_url, polls + 1, failures)
-        sent_at = self.monotonic()
         try:
             response = await self._request(self.poll_connections, "GET", poll_url, headers)
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
@@ -431,7 +430,7 @@ class SpineClient:
             raise AccessDenied(_forbidden(response.text[:200]))
         if status in TRANSIENT_STATUSES or status == 500:
             if status == 429:
-                self.pacer.limited(sent_at, self._retry_after(response, None))
+                self.pacer.limited(sent_at, self._retry_after(response, None), poll=True)
             return self._pending(poll_url, response, failed=True)
         self._polls.pop(poll_url, None)
         raise SpineError(f"polling {poll_url} answered HTTP {status}; the Spine may hold the "

@@ -1,5 +1,5 @@
-"""The pace of the POSTs to the Spine (issue 11): how fast the kit sends, when the practice sets a
-rate limit and when it does not.
+"""The pace of the requests to the Spine (issue 11): how fast the kit sends, when the practice sets
+a rate limit and when it does not.
 
 Without a rate limit the kit sends as fast as its senders allow until the Spine first answers 429.
 From then on it paces itself, as TCP's congestion control does with a window (CUBIC, RFC 9438),
@@ -8,19 +8,23 @@ then climbs back along a cubic curve, steeply at first, flat as it nears the rat
 429 (so the kit probes the Spine's limit gently, where 429s would come from), and steeply again
 past it (so a limit the kit underestimated, or one the Spine raised, is found within a minute or
 so rather than an hour). Only one decrease is made per round trip: a 429 to a request sent before
-the last decrease says nothing new. A Retry-After on a 429 holds every send until it has passed.
+the last decrease says nothing new. A Retry-After on a 429 holds every request until it has passed.
 
 With a rate limit (``RateLimiter``) the pace starts at the limit and never goes above it. Sends
-are spaced evenly (a burst of one, never making up for slots nobody used) and stay a hundredth
-under the limit: a Spine that counts at most L requests in any second, or a token bucket at L, then
-accepts everything the kit sends even when the transit delays some sends by a few milliseconds
-more than others. A 429 slows a limited kit too: the Spine allows less than the practice thought.
+are spaced evenly, never making up for slots nobody used, so no two leave closer than a token
+bucket of one token at the limit allows, and they stay a hundredth under the limit, so a Spine
+that counts at most L requests in any second accepts them all even when the transit delays some
+by up to 10 ms more than others. (A bucket of one token has no such slack: any jitter between two
+sends can draw a 429 there.) A 429 slows a limited kit too: the Spine allows less than the
+practice thought.
 
-Only POSTs take a slot. A poll is paced by its own Retry-After and by the pace of the POSTs that
-make polls necessary; the simulator counts only POSTs against its rate limit, and ``--rate-limit``
-is POSTs a second. A 429 to a poll still slows the POSTs (a Spine that counts polls against its
-limit is answered by fewer POSTs, hence fewer polls) and its Retry-After holds the POSTs and the
-polls alike (``hold``).
+Polls take a slot only once the Spine has answered a poll with 429. Until then they go when
+their own Retry-After says (after any hold): the simulator counts only POSTs against its rate
+limit, and ``--rate-limit`` is POSTs a second. A Spine that answers a poll with 429 has shown that
+it counts polls, and from then on polls share the slots with the POSTs, so the pace meters every
+request the Spine counts. Left out of the pace, polls would keep coming at the rate of the POSTs
+of some seconds before (a message is polled until its ack), draw 429 after 429 and drive the
+POSTs' pace down to almost nothing.
 """
 
 from __future__ import annotations
@@ -40,10 +44,11 @@ LIMIT_MARGIN = 0.01     # a practice's rate limit is kept this fraction under: 1
 
 
 class Pacer:
-    """When each POST may go: a slot handed to each caller of ``acquire``, spaced evenly at the
-    pace, and later than any Retry-After the Spine gave with a 429 (``limited``).
+    """When each request may go: a slot handed to each caller of ``acquire`` (every POST, and
+    every poll once the Spine has shown it counts them), spaced evenly at the pace, and later than
+    any Retry-After the Spine gave with a 429 (``limited``).
 
-    ``limit`` caps the pace (sends a second; None: no cap, and no pace at all until the first
+    ``limit`` caps the pace (requests a second; None: no cap, and no pace at all until the first
     429). ``clock`` and ``sleep`` are passed in so a test can move time instead of waiting."""
 
     def __init__(self, limit: float | None = None, *,
@@ -60,6 +65,7 @@ class Pacer:
         self._last_slot: float | None = None
         self._sent: deque[float] = deque()      # the slots of the last WINDOW_S
         self._epoch = 0                         # bumped when a 429 changes the pace or the hold
+        self.paces_polls = False                # set by the first 429 to a poll
 
     def pace(self, now: float | None = None) -> float | None:
         """The pace in sends a second at ``now``; None while nothing limits the kit."""
@@ -86,18 +92,23 @@ class Pacer:
             self._record(slot)
             return slot
 
-    async def hold(self) -> None:
-        """Wait until the last Retry-After has passed: for requests that take no slot (polls)."""
+    async def acquire_poll(self) -> float:
+        """Wait until a poll may go, and return its time: a slot once the Spine has answered a
+        poll with 429, else as soon as the last Retry-After has passed."""
+        if self.paces_polls:
+            return await self.acquire()
         while (wait := self._hold_until - self.clock()) > 0:
             await self.sleep(wait)
+        return self.clock()
 
-    def limited(self, sent_at: float, retry_after: float | None) -> None:
-        """A request sent at ``sent_at`` (this pacer's clock) drew a 429 asking to wait
-        ``retry_after`` seconds (None: it did not say). Every send is held that long; the pace
-        comes down unless this 429 answers a request sent before the last decrease, which was
-        already the answer to it."""
+    def limited(self, sent_at: float, retry_after: float | None, poll: bool = False) -> None:
+        """A request sent at ``sent_at`` (this pacer's clock; a poll when ``poll``) drew a 429
+        asking to wait ``retry_after`` seconds (None: it did not say). Every request is held that
+        long; the pace comes down unless this 429 answers a request sent before the last
+        decrease, which was already the answer to it."""
         now = self.clock()
         changed = False
+        self.paces_polls = self.paces_polls or poll
         if retry_after and now + retry_after > self._hold_until:
             self._hold_until = now + retry_after
             changed = True
@@ -113,8 +124,9 @@ class Pacer:
             self._next = max(restart, self._hold_until)
 
     def sending_rate(self, now: float | None = None) -> float | None:
-        """Sends a second over the last WINDOW_S (over the time since the first of them, when
-        the kit has just started); None when nothing was sent in that time."""
+        """The rate the kit sends at: the sends of the last WINDOW_S over the time since the
+        first of them (shorter than WINDOW_S when the kit has just started); None when nothing
+        was sent in that time."""
         now = self.clock() if now is None else now
         self._forget(now)
         if not self._sent:
@@ -132,8 +144,9 @@ class Pacer:
 
 
 class RateLimiter(Pacer):
-    """A practice's rate limit (``--rate-limit``): at most ``rate`` POSTs a second, evenly spaced,
-    from the first POST on; slower only when the Spine answers 429."""
+    """A practice's rate limit (``--rate-limit``): at most ``rate`` POSTs a second (POSTs and
+    polls, once the Spine has shown it counts polls), evenly spaced from the first POST on;
+    slower only when the Spine answers 429."""
 
     def __init__(self, rate: float, *, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
