@@ -72,6 +72,7 @@ ACK_BOUNDARY = "--=_MIME-Boundary"              # the sample acks' boundary
 ACK_HEADER_CID = "ebXMLHeader@spine.nhs.uk"
 SPINE_PARTY_ID = "YEA-0000806"                   # the Spine's party id in the sample acks
 SIMULATOR_ASID = "990000000001"
+ACCEPTED_POSTS, RATE_LIMITED_POSTS, POLLS = range(3)   # the columns of a second in traffic()
 ACK_ID_NAMESPACE = uuid.UUID("6f1d0d52-2b8e-4d8c-9c55-3b3f6a2f9e10")  # ack ids derived from message ids
 
 # Display names carried in acks. The sample ack-AE-psis-35160.mime gives the first two word for word;
@@ -223,6 +224,11 @@ class SpineSimulator:
                         "polls": 0, "unauthorized": 0, "forbidden": 0, "acks_dropped": 0}
         self._rejected: dict[str, int] = {}
         self._faults: dict[str, int] = {}
+        # Whole seconds since the start -> [POSTs answered 202, POSTs answered 429, polls], and
+        # the times of the first and last 202 to a POST: what a benchmark of the kit's pace reads.
+        self._per_second: dict[int, list[int]] = {}
+        self._first_accepted_s: float | None = None
+        self._last_accepted_s: float | None = None
         self._latency_rng = random.Random(f"{self.config.seed}:latency")
         tps = self.config.rate_limit_tps
         self._burst = self.config.rate_limit_burst or (max(1.0, tps / 10) if tps else 1.0)
@@ -239,6 +245,7 @@ class SpineSimulator:
             web.get("/poll/{message_id:.+}", self._poll),
             web.get("/_admin/stats", self._admin_stats),
             web.get("/_admin/summaries", self._admin_summaries),
+            web.get("/_admin/traffic", self._admin_traffic),
         ])
 
     async def start(self, host: str = "127.0.0.1", port: int = 0,
@@ -268,6 +275,19 @@ class SpineSimulator:
         with self._lock:
             return {**self._counts, "rejected_by_code": dict(self._rejected),
                     "transient_faults_injected": dict(self._faults)}
+
+    def traffic(self) -> dict[str, Any]:
+        """The pace of what the simulator was sent, for benchmarks of the kit's pacing: POSTs
+        answered 202 (their count, and the first and last in seconds since the start) and, for
+        every second since the start, the POSTs answered 202, those answered 429 and the polls."""
+        with self._lock:
+            first, last = self._first_accepted_s, self._last_accepted_s
+            rows = sorted(self._per_second.items())
+        return {"accepted_posts": {"count": sum(row[0] for _, row in rows),
+                                   "first_s": first, "last_s": last},
+                "per_second": [{"second": second, "accepted_posts": row[0],
+                                "rate_limited_posts": row[1], "polls": row[2]}
+                               for second, row in rows]}
 
     def summaries(self) -> list[dict[str, str]]:
         """Every NHS number holding a current summary, with its GP Summary id, message id and time."""
@@ -363,6 +383,7 @@ class SpineSimulator:
 
     async def _poll(self, request: web.Request) -> web.Response:
         self._count("polls")
+        self._tally(POLLS)
         refused = self._authorise(request)
         if refused is not None:
             return refused
@@ -382,6 +403,9 @@ class SpineSimulator:
 
     async def _admin_summaries(self, request: web.Request) -> web.Response:
         return _loopback_only(request) or web.json_response(self.summaries())
+
+    async def _admin_traffic(self, request: web.Request) -> web.Response:
+        return _loopback_only(request) or web.json_response(self.traffic())
 
     # --- checks and decisions ------------------------------------------------------------------
 
@@ -449,6 +473,7 @@ class SpineSimulator:
             wait_s = self._take_token()
             if wait_s > 0:
                 self._fault("429")
+                self._tally(RATE_LIMITED_POSTS)
                 return web.Response(status=429,
                                     headers={"Retry-After": str(max(1, math.ceil(wait_s * 1000)))})
         if not (config.transient_rate or config.gateway_error_rate):
@@ -579,6 +604,7 @@ class SpineSimulator:
     # --- small helpers ---------------------------------------------------------------------------
 
     def _accepted(self, message_id: str) -> web.Response:
+        self._tally(ACCEPTED_POSTS)
         base = (self.config.poll_location_base or "").rstrip("/")
         return web.Response(status=202, headers={
             "Content-Location": base + "/poll/" + quote(message_id, safe=""),
@@ -617,6 +643,17 @@ class SpineSimulator:
     def _count(self, name: str) -> None:
         with self._lock:
             self._counts[name] += 1
+
+    def _tally(self, column: int) -> None:
+        """One request in its second's row of ``traffic()``."""
+        elapsed = self._clock() - self._started_at
+        with self._lock:
+            row = self._per_second.setdefault(int(elapsed), [0, 0, 0])
+            row[column] += 1
+            if column == ACCEPTED_POSTS:
+                if self._first_accepted_s is None:
+                    self._first_accepted_s = elapsed
+                self._last_accepted_s = elapsed
 
     def _fault(self, status: str) -> None:
         with self._lock:
