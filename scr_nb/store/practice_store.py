@@ -344,9 +344,9 @@ class Store:
         """(patients, eligible patients) in scope."""
         self.flush()
         where, args = self._scope(group)
-        return self.db.execute(
-            f"SELECT COUNT(*), COALESCE(SUM(eligibility IS NULL), 0) FROM patients WHERE {where}",
-            args).fetchone()
+        count = f"SELECT COUNT(*) FROM patients WHERE {where}"
+        return (self.db.execute(count, args).fetchone()[0],
+                self.db.execute(count + " AND eligibility IS NULL", args).fetchone()[0])
 
     def to_build(self, pkeys: list[str]) -> dict[str, tuple[int, str | None, bool, str | None]]:
         """What building these patients' messages needs from the store: pkey -> (row in
@@ -519,7 +519,8 @@ class Store:
         where, args = self._scope(group, "p.")
         return list(self.db.execute(
             "SELECT p.pkey, p.message_id FROM patients AS p JOIN messages AS m "
-            "ON m.message_id = p.message_id WHERE p.state = 'unprocessed' AND m.state = 'queued' "
+            "ON m.message_id = p.message_id WHERE p.state = 'unprocessed' "
+            "AND p.message_id IS NOT NULL AND m.state = 'queued' "
             f"AND m.body IS NOT NULL AND p.chain_id = ? AND {where} ORDER BY p.source_row",
             (chain_id, *args)))
 

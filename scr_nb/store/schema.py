@@ -12,7 +12,7 @@ from pathlib import Path
 
 from scr_nb.errors import StoreError
 
-SCHEMA_VERSION = "4"
+SCHEMA_VERSION = "5"
 # What a read may raise while the job that creates a store is still writing its tables.
 DatabaseError = sqlite3.Error
 SCHEMA = """
@@ -109,6 +109,14 @@ MIGRATIONS: dict[str, tuple[str, ...]] = {
           "user_name TEXT NOT NULL, asked_at TEXT NOT NULL, seen_at TEXT)",),
     # a job's work read a page at a time in extract order, not sorted whole before the first send
     "4": ("CREATE INDEX IF NOT EXISTS patients_source_row ON patients (source_row)",),
+    # Resume's first message at once on a large store: the work of one state read in extract
+    # order without a sort, messages built and never posted found without reading every
+    # unprocessed patient, and the eligible counted without reading every row
+    "5": ("DROP INDEX IF EXISTS patients_state",
+          "CREATE INDEX IF NOT EXISTS patients_state_row ON patients (state, source_row)",
+          "CREATE INDEX IF NOT EXISTS patients_unsent ON patients (chain_id, source_row) "
+          "WHERE state = 'unprocessed' AND message_id IS NOT NULL",
+          "CREATE INDEX IF NOT EXISTS patients_eligibility ON patients (eligibility)"),
 }
 
 
