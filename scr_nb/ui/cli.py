@@ -430,9 +430,10 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 # --- the parser -------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    from scr_nb.sim.spine_sim import add_arguments as add_sim_arguments
-
+def build_parser(parsing: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the command about to be parsed (``parsing``), one that leaves out the
+    simulator's switches unless it is ``spine-sim``: importing the simulator (aiohttp's server,
+    the identity provider's JWT) costs an upload a fifth of a second it never needs."""
     parser = argparse.ArgumentParser(prog="scr-nb", description="SCR GP Summary Initial Upload kit")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -457,7 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--tls-key", metavar="FILE", help="its private key, PEM")
     tls.add_argument("--client-ca", metavar="FILE",
                      help="require a client certificate issued by this CA (PEM)")
-    add_sim_arguments(p)
+    if parsing in (None, "spine-sim"):
+        from scr_nb.sim.spine_sim import add_arguments as add_sim_arguments
+
+        add_sim_arguments(p)
 
     p = command("login", cmd_login, "get a Smartcard session")
     p.add_argument("--identity", required=True, help="identity provider base URL")
@@ -577,7 +581,8 @@ def _server_tls(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(words[0] if words and not words[0].startswith("-") else None)
     args = parser.parse_args(argv)
     _check_connection_options(parser, args)
     if args.command in ("upload", "scheduled", "preflight"):
