@@ -8,15 +8,20 @@ then climbs back along a cubic curve, steeply at first, flat as it nears the rat
 429 (so the kit probes the Spine's limit gently, where 429s would come from), and steeply again
 past it (so a limit the kit underestimated, or one the Spine raised, is found within a minute or
 so rather than an hour). Only one decrease is made per round trip: a 429 to a request sent before
-the last decrease says nothing new. A Retry-After on a 429 holds every request until it has passed.
+the last decrease says nothing new. Nor does a lone 429, the only one to the last hundred
+requests: a Spine limiting at about the rate the kit sends at refuses a request now and then
+when the transit, or a stall of the kit's event loop or of the Spine's, brings two closer than it
+allows. Such a 429 costs one retry, and they are at most one request in a hundred. A Retry-After
+on a 429 holds every request until it has passed.
 
 With a rate limit (``RateLimiter``) the pace starts at the limit and never goes above it. Sends
 are spaced evenly, never making up for slots nobody used, so no two leave closer than a token
 bucket of one token at the limit allows, and they stay a hundredth under the limit, so a Spine
 that counts at most L requests in any second accepts them all even when the transit delays some
-by up to 10 ms more than others. (A bucket of one token has no such slack: any jitter between two
-sends can draw a 429 there.) A 429 slows a limited kit too: the Spine allows less than the
-practice thought.
+by up to 10 ms more than others. A bucket of one token has no such slack: a send the transit
+delays by a tenth of a millisecond more than the one before it draws a 429 there, so against
+such a Spine the 429s come, and the pace comes down until they are rare. A 429 slows a limited
+kit too: the Spine allows less than the practice thought.
 
 Polls take a slot only once the Spine has answered a poll with 429. Until then they go when
 their own Retry-After says (after any hold): the simulator counts only POSTs against its rate
@@ -41,6 +46,7 @@ CUBIC = (1.0 - DECREASE) / RECOVERY_S ** 3   # so the cubic curve starts at DECR
 WINDOW_S = 1.0          # the rate the kit sends at is measured over the last second of sends
 SHORTEST_SPAN_S = 0.01  # ... and never over less than this, so a few sends in a row are no infinity
 LIMIT_MARGIN = 0.01     # a practice's rate limit is kept this fraction under: 10 ms of every second
+TOLERATED = 100         # a lone 429 to this many requests in a row brings no decrease; a second does
 
 
 class Pacer:
@@ -62,13 +68,15 @@ class Pacer:
         self._decreased_at: float | None = None
         self._hold_until = -math.inf            # no send before this (the last Retry-After)
         self._next = -math.inf                  # the earliest free slot
-        self._last_slot: float | None = None
-        self._sent: deque[float] = deque()      # the slots of the last WINDOW_S
+        self._last_sent: float | None = None
+        self._sent: deque[float] = deque()      # when the sends of the last WINDOW_S went
+        self._recent: deque[float] = deque(maxlen=TOLERATED)    # ... and the last TOLERATED
+        self._refused: deque[float] = deque(maxlen=TOLERATED)   # when those that drew 429 went
         self._epoch = 0                         # bumped when a 429 changes the pace or the hold
         self.paces_polls = False                # set by the first 429 to a poll
 
     def pace(self, now: float | None = None) -> float | None:
-        """The pace in sends a second at ``now``; None while nothing limits the kit."""
+        """The pace in requests a second at ``now``; None while nothing limits the kit."""
         if self._peak is None:
             return self.ceiling
         now = self.clock() if now is None else now
@@ -76,9 +84,10 @@ class Pacer:
         return rate if self.ceiling is None else min(rate, self.ceiling)
 
     async def acquire(self) -> float:
-        """Wait for this send's slot; returns the slot's time, which the caller hands back to
+        """Wait for this send's slot; returns the time it goes, which the caller hands back to
         ``limited`` if the send draws a 429. A caller whose slot a 429 moved while it waited (a
-        lower pace, a Retry-After) takes a new one."""
+        lower pace, a Retry-After) takes a new one. Slots are taken ahead on an even grid, so a
+        sender that wakes late (the event loop was busy) does not delay the ones after it."""
         while True:
             now = self.clock()
             rate = self.pace(now)
@@ -89,8 +98,9 @@ class Pacer:
                 await self.sleep(slot - now)
                 if epoch != self._epoch:
                     continue
-            self._record(slot)
-            return slot
+            sent = self.clock()
+            self._record(sent)
+            return sent
 
     async def acquire_poll(self) -> float:
         """Wait until a poll may go, and return its time: a slot once the Spine has answered a
@@ -105,14 +115,17 @@ class Pacer:
         """A request sent at ``sent_at`` (this pacer's clock; a poll when ``poll``) drew a 429
         asking to wait ``retry_after`` seconds (None: it did not say). Every request is held that
         long; the pace comes down unless this 429 answers a request sent before the last
-        decrease, which was already the answer to it."""
+        decrease, which was already the answer to it, or it is the only 429 to the last TOLERATED
+        requests."""
         now = self.clock()
         changed = False
         self.paces_polls = self.paces_polls or poll
+        self._refused.append(sent_at)
         if retry_after and now + retry_after > self._hold_until:
             self._hold_until = now + retry_after
             changed = True
-        if self._decreased_at is None or sent_at > self._decreased_at:
+        new_sign = self._decreased_at is None or sent_at > self._decreased_at
+        if new_sign and self.recent_429s() > 1:
             rates = [rate for rate in (self.pace(now), self.sending_rate(now)) if rate]
             if rates:
                 self._peak, self._decreased_at = min(rates), now
@@ -120,7 +133,7 @@ class Pacer:
         if changed:
             self._epoch += 1
             rate = self.pace(now)
-            restart = self._last_slot + 1.0 / rate if self._last_slot is not None and rate else now
+            restart = self._last_sent + 1.0 / rate if self._last_sent is not None and rate else now
             self._next = max(restart, self._hold_until)
 
     def sending_rate(self, now: float | None = None) -> float | None:
@@ -133,10 +146,16 @@ class Pacer:
             return None
         return len(self._sent) / max(now - self._sent[0], SHORTEST_SPAN_S)
 
-    def _record(self, slot: float) -> None:
-        self._last_slot = slot
-        self._sent.append(slot)
-        self._forget(slot)
+    def recent_429s(self) -> int:
+        """How many of the last TOLERATED requests drew a 429."""
+        oldest = self._recent[0] if self._recent else -math.inf
+        return sum(1 for sent_at in self._refused if sent_at >= oldest)
+
+    def _record(self, sent: float) -> None:
+        self._last_sent = sent
+        self._sent.append(sent)
+        self._recent.append(sent)
+        self._forget(sent)
 
     def _forget(self, now: float) -> None:
         while self._sent and self._sent[0] <= now - WINDOW_S:
