@@ -1,0 +1,61 @@
+"""Resume at once (issue 11): on an unchanged extract a job reads none of its CSV files, takes the
+decisions the store already holds, and sends the patients in flight first."""
+
+from __future__ import annotations
+
+from scr_nb.extract import reader
+from scr_nb.job.options import JobControl
+from scr_nb.store.extract_index import index_path
+from scr_nb.store.practice_store import Store
+from tests.test_engine import eligible_numbers, held, job, status
+
+
+def stopped_run(tmp_path, spine, session, practice, after: int = 10):
+    control = JobControl()
+    first = job(tmp_path, session, spine, practice, "run", control=control, concurrency=2,
+                on_progress=lambda p: control.stop() if p.acknowledged >= after else None)
+    assert first.job.status == "paused"
+    return first
+
+
+def test_resume_on_an_unchanged_extract_reads_no_csv_file(tmp_path, spine, admin_session,
+                                                          practice, today, monkeypatch):
+    stopped_run(tmp_path, spine, admin_session, practice)
+    assert index_path(tmp_path / "practice.sqlite").is_file()
+    opened = []
+    real = reader.read_rows
+
+    def watched(path, required):
+        opened.append(path.name)
+        return real(path, required)
+
+    monkeypatch.setattr(reader, "read_rows", watched)
+    resumed = job(tmp_path, admin_session, spine, practice, "resume")
+    assert resumed.completed and opened == []
+    assert set(held(spine)) == eligible_numbers(practice, today)
+    assert spine.simulator.stats()["duplicates"] == 0
+
+
+def test_a_changed_file_is_read_again_before_anything_is_sent(tmp_path, spine, admin_session,
+                                                              practice):
+    stopped_run(tmp_path, spine, admin_session, practice)
+    store = Store(tmp_path / "practice.sqlite")
+    try:
+        waiting = store.select_work("run", store.latest_job().chain_id, None, limit=1)[0]
+        removed = store.patient(waiting[0])
+    finally:
+        store.close()
+    patients = practice / "patients.csv"
+    lines = patients.read_text(encoding="utf-8-sig").splitlines(keepends=True)
+    assert lines[removed["source_row"] - 1].startswith(removed["patient_id"] + ",")
+    del lines[removed["source_row"] - 1]   # a patient waiting to be sent leaves the practice
+    patients.write_text("".join(lines), encoding="utf-8")
+    resumed = job(tmp_path, admin_session, spine, practice, "resume")
+    assert resumed.completed
+    store = Store(tmp_path / "practice.sqlite")
+    try:
+        gone = store.patient(waiting[0])
+    finally:
+        store.close()
+    assert gone["state"] == "not_required" and gone["reason"] == "not_in_extract"
+    assert removed["nhs_number"] not in held(spine)
