@@ -3,7 +3,6 @@ decisions the store already holds, and sends the patients in flight first."""
 
 from __future__ import annotations
 
-from scr_nb.extract import reader
 from scr_nb.job.options import JobControl
 from scr_nb.store.extract_index import index_path
 from scr_nb.store.practice_store import Store
@@ -19,19 +18,14 @@ def stopped_run(tmp_path, spine, session, practice, after: int = 10):
 
 
 def test_resume_on_an_unchanged_extract_reads_no_csv_file(tmp_path, spine, admin_session,
-                                                          practice, today, monkeypatch):
+                                                          practice, today):
     stopped_run(tmp_path, spine, admin_session, practice)
-    assert index_path(tmp_path / "practice.sqlite").is_file()
-    opened = []
-    real = reader.read_rows
-
-    def watched(path, required):
-        opened.append(path.name)
-        return real(path, required)
-
-    monkeypatch.setattr(reader, "read_rows", watched)
+    index = index_path(tmp_path / "practice.sqlite")
+    made = index.stat()
     resumed = job(tmp_path, admin_session, spine, practice, "resume")
-    assert resumed.completed and opened == []
+    assert resumed.completed
+    kept = index.stat()   # a new index is written beside and renamed into place: a new inode
+    assert (kept.st_ino, kept.st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
     assert set(held(spine)) == eligible_numbers(practice, today)
     assert spine.simulator.stats()["duplicates"] == 0
 
