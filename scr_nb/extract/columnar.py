@@ -1,10 +1,13 @@
-"""The eligibility dry run over columns (SPEC 4, issue 11): the same counts as
-``summarise(decide(load_practice(...)))``, read with pyarrow's CSV reader and decided with masks.
+"""The extract read by columns (SPEC 3-4, issue 11): the eligibility dry run, the same counts as
+``summarise(decide(load_practice(...)))``, and a job's extract index (``fill_index``), the same rows
+and decisions as ``prepared``'s row-at-a-time build, read with pyarrow's CSV reader and decided with
+masks.
 
 The row-at-a-time reader stays the definition. This path only takes files it can read exactly as
 that reader would (plain UTF-8 CSV whose quotes are whole quoted fields, one field count per row,
 fields of sane size); for anything else, and for every file-level problem, it hands the whole
-extract to ``load_practice``, so errors are the row reader's own ``ExtractError`` word for word.
+extract to the row reader (``load_practice``, or the index's row-at-a-time build), so errors are the
+row reader's own ``ExtractError`` word for word.
 
 Each file is cut into pieces at record boundaries (line breaks with an even count of quotes before
 them), and the pieces are checked, parsed and judged on a few threads at once: numpy and pyarrow
@@ -18,10 +21,12 @@ functions, except dates of the plain ``YYYY-MM-DD`` shape, which numpy reads dir
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import date
 from functools import lru_cache, partial
 from pathlib import Path
@@ -38,6 +43,7 @@ from scr_nb.extract.reader import (
     REQUIRED_COLUMNS, load_details, load_practice, normalise_consent_code, parse_date,
 )
 from scr_nb.extract.nhs_number import _WEIGHTS
+from scr_nb.store.extract_index import IndexWriter
 from scr_nb.store.states import NOT_REQUIRED_REASONS
 
 _BOM = b"\xef\xbb\xbf"
@@ -58,7 +64,7 @@ _REASON = {reason: i for i, reason in enumerate(NOT_REQUIRED_REASONS)}
 _ELIGIBLE = len(NOT_REQUIRED_REASONS)   # the reason index of a row no reason applies to
 
 
-class _Fallback(Exception):
+class Fallback(Exception):
     """This extract holds something only the row-at-a-time reader reads exactly."""
 
 
@@ -71,10 +77,10 @@ def dry_run(directory: str | Path, policy: Policy) -> dict:
     root = Path(directory)
     try:
         if not root.is_dir():
-            raise _Fallback
+            raise Fallback
         load_details(root)
         return _dry_run(root, policy)
-    except _Fallback:
+    except Fallback:
         return summarise(decide(load_practice(root, today=policy.today), policy))
 
 
@@ -96,16 +102,22 @@ def _dry_run(root: Path, policy: Policy) -> dict:
         pool.shutdown(cancel_futures=True)
 
 
-def _tasks(root: Path, files: tuple) -> Iterator[tuple[str, Callable]]:
-    """(file name, the work on one of its pieces) for each (name, columns read, work) given."""
+def _tasks(root: Path, files: tuple, numbered: bool = False) -> Iterator[tuple[str, Callable]]:
+    """(file name, the work on one of its pieces) for each (name, columns read, work) given.
+    ``numbered``: the work is also given each record's line number, as the row reader counts."""
     for name, columns, work in files:
         path = root / name
         if name == "groups.csv" and not path.exists():   # the one optional file
             continue
         pieces = _pieces(path)
         header = _header(next(pieces), REQUIRED_COLUMNS[name])
+        first_line = 2   # the header is line 1, and holds no line break of its own
         for piece in pieces:
-            yield name, partial(_piece, piece, header, columns, work)
+            if numbered:
+                yield name, partial(_numbered_piece, piece, header, columns, work, first_line)
+                first_line += piece.count(b"\n")
+            else:
+                yield name, partial(_piece, piece, header, columns, work)
 
 
 def _in_order(pool: ThreadPoolExecutor, tasks: Iterator[tuple[str, Callable]]):
@@ -129,11 +141,11 @@ def _pieces(path: Path) -> Iterator[bytes]:
     try:
         f = open(path, "rb")
     except OSError:
-        raise _Fallback from None
+        raise Fallback from None
     with f:
         header = f.readline(_PIECE)
         if not header.endswith(b"\n") and f.read(1):
-            raise _Fallback   # a header line longer than a piece
+            raise Fallback   # a header line longer than a piece
         yield header.removeprefix(_BOM).removesuffix(b"\n")
         carry = b""   # the start of a record that the last block cut short
         while True:
@@ -153,7 +165,7 @@ def _pieces(path: Path) -> Iterator[bytes]:
                 yield b"".join((carry, memoryview(block)[:cut]))
                 carry = block[cut:]
             elif len(carry) + len(block) > _PIECE:
-                raise _Fallback   # one record longer than a piece
+                raise Fallback   # one record longer than a piece
             else:
                 carry += block
 
@@ -162,34 +174,44 @@ def _header(line: bytes, required: tuple[str, ...]) -> list[str]:
     """The header's column names, when it is a plain line naming the required columns once each."""
     line = line.removesuffix(b"\r")
     if not line.strip() or any(c in line for c in (_QUOTE, _CR, 0)):
-        raise _Fallback   # no header, or one the csv module would read its own way
+        raise Fallback   # no header, or one the csv module would read its own way
     try:
         header = [h.strip() for h in next(csv.reader([line.decode("utf-8")]))]
     except (UnicodeDecodeError, csv.Error, StopIteration):
-        raise _Fallback from None
+        raise Fallback from None
     if len(set(header)) != len(header) or any(c not in header for c in required):
-        raise _Fallback
+        raise Fallback
     return header
 
 
 def _piece(piece: bytes, header: list[str], columns: tuple[str, ...], work: Callable):
     """``work`` over the named columns of one piece of records."""
-    return work(_records(piece, header, columns))
+    return work(_records(piece, header, columns)[0])
 
 
-def _records(piece: bytes, header: list[str], columns: tuple[str, ...]) -> dict[str, pa.Array]:
+def _numbered_piece(piece: bytes, header: list[str], columns: tuple[str, ...], work: Callable,
+                    first_line: int):
+    """``work`` over the named columns of one piece and the line each of its records starts on,
+    the piece starting on ``first_line``."""
+    found, lines = _records(piece, header, columns)
+    return work(found, lines + first_line)
+
+
+def _records(piece: bytes, header: list[str],
+             columns: tuple[str, ...]) -> tuple[dict[str, pa.Array], np.ndarray]:
     """The named columns of a piece of records as strings, when pyarrow reads them exactly as the
     row reader does: UTF-8 without NUL bytes, line breaks LF or CRLF, quotes only around whole
-    fields, no field over the row reader's limit. Anything else is _Fallback."""
+    fields, no field over the row reader's limit. Anything else is Fallback. With them, how many
+    line breaks come before each record in the piece."""
     if not piece.isascii():
         try:
             pa.Array.from_buffers(pa.large_string(), 1, [
                 None, pa.array([0, len(piece)], pa.int64()).buffers()[1], pa.py_buffer(piece),
             ]).validate(full=True)
         except pa.ArrowInvalid:
-            raise _Fallback from None
+            raise Fallback from None
     if piece.find(b"\x00") >= 0:
-        raise _Fallback
+        raise Fallback
     chars = np.frombuffer(piece, dtype=np.uint8)
     marks = _marks(chars)
     kind = chars.take(marks)
@@ -197,7 +219,7 @@ def _records(piece: bytes, header: list[str], columns: tuple[str, ...]) -> dict[
     if len(returns) and (returns[-1] == len(marks) - 1 or not (
             (marks.take(returns + 1) == marks.take(returns) + 1)
             & (kind.take(returns + 1) == _LF)).all()):
-        raise _Fallback   # a carriage return that is not part of a CRLF
+        raise Fallback   # a carriage return that is not part of a CRLF
     is_quote, line_break = kind == _QUOTE, kind == _LF
     if is_quote.any():
         _check_quotes(chars, marks[is_quote])
@@ -223,12 +245,20 @@ def _records(piece: bytes, header: list[str], columns: tuple[str, ...]) -> dict[
                 quoted_strings_can_be_null=False, check_utf8=False,
                 include_columns=names if measure else [by_name[c] for c in columns]))
     except pa.ArrowException:
-        raise _Fallback from None   # ragged rows...
+        raise Fallback from None   # ragged rows...
     if measure:
         for column in table.columns:
             if len(column) and pc.max(pc.utf8_length(column)).as_py() > MAX_FIELD_CHARS:
-                raise _Fallback   # the row reader cuts the field and makes its row malformed
-    return {c: _one_chunk(table.column(by_name[c])) for c in columns}
+                raise Fallback   # the row reader cuts the field and makes its row malformed
+    # pyarrow and the row reader both skip empty lines (an LF, or a CRLF, alone).
+    starts = np.concatenate(([0], ends + 1))
+    length = np.append(ends, len(chars)) - starts
+    empty = (length == 0) | ((length == 1) & (chars.take(np.minimum(starts, len(chars) - 1)) == _CR))
+    starts = starts[~empty]
+    if len(starts) != table.num_rows:
+        raise Fallback
+    lines = np.searchsorted(marks[kind == _LF], starts)
+    return {c: _one_chunk(table.column(by_name[c])) for c in columns}, lines
 
 
 # numpy goes over a piece a block at a time, so that its temporaries stay in the processor's
@@ -249,11 +279,11 @@ def _marks(chars: np.ndarray) -> np.ndarray:
 
 
 def _check_quotes(chars: np.ndarray, quotes: np.ndarray) -> None:
-    """_Fallback unless every quote opens a field, closes one, or is half of a doubled quote
+    """Fallback unless every quote opens a field, closes one, or is half of a doubled quote
     inside one. Quotes alternate opening and closing, a doubled quote being a close and an open
     side by side; the piece starts at a record boundary."""
     if len(quotes) % 2:
-        raise _Fallback   # the file ends inside a quoted field
+        raise Fallback   # the file ends inside a quoted field
     opens, closes = quotes[0::2], quotes[1::2]
     before = chars[np.maximum(opens - 1, 0)]
     opened = (opens == 0) | (before == _COMMA) | (before == _LF)
@@ -262,7 +292,7 @@ def _check_quotes(chars: np.ndarray, quotes: np.ndarray) -> None:
     closed = (closes == len(chars) - 1) | (after == _COMMA) | (after == _LF) | (after == _CR)
     closed[:-1] |= closes[:-1] + 1 == opens[1:]
     if not (opened.all() and closed.all()):
-        raise _Fallback
+        raise Fallback
 
 
 def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
@@ -273,7 +303,7 @@ def _stripped(column: pa.Array) -> pa.Array:
     """``str.strip()`` over a column; ASCII only, since pyarrow's idea of Unicode whitespace is
     not Python's."""
     if len(column) and not pc.all(pc.string_is_ascii(column)).as_py():
-        raise _Fallback
+        raise Fallback
     return pc.utf8_trim(column, characters=_ASCII_WHITESPACE)
 
 
@@ -391,45 +421,70 @@ def _nothing(columns: dict[str, pa.Array]) -> tuple[set[str], None]:
     return set(), None
 
 
-def _medication_piece(columns: dict[str, pa.Array]) -> tuple[set[str], None]:
+def _medication_checks(columns: dict[str, pa.Array]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(each row has a problem, the date ordinals of each date column)."""
     problem = _kind_problem(columns["kind"], MEDICATION_KINDS)
-    problem |= _date_problem(columns["prescribed_on"], required=True)[0]
-    problem |= _date_problem(columns["repeat_until"])[0]
-    problem |= _date_problem(columns["discontinued_on"])[0]
-    return _charged(columns, problem), None
+    ordinals = {}
+    for name in ("prescribed_on", "repeat_until", "discontinued_on"):
+        bad, ordinals[name] = _date_problem(columns[name], required=name == "prescribed_on")
+        problem |= bad
+    return problem, ordinals
+
+
+def _medication_piece(columns: dict[str, pa.Array]) -> tuple[set[str], None]:
+    return _charged(columns, _medication_checks(columns)[0]), None
+
+
+def _allergy_checks(columns: dict[str, pa.Array]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(each row has a problem, recorded_on's date ordinal, negative's flag)."""
+    problem = _kind_problem(columns["kind"], ALLERGY_KINDS)
+    bad, recorded = _date_problem(columns["recorded_on"])
+    negative = _judged(columns["negative"], _flag, np.int8)
+    return problem | bad | (negative < 0), recorded, negative
 
 
 def _allergy_piece(columns: dict[str, pa.Array]) -> tuple[set[str], None]:
-    problem = _kind_problem(columns["kind"], ALLERGY_KINDS)
-    problem |= _date_problem(columns["recorded_on"])[0]
-    problem |= _judged(columns["negative"], _flag, np.int8) < 0
-    return _charged(columns, problem), None
+    return _charged(columns, _allergy_checks(columns)[0]), None
+
+
+def _consent_checks(columns: dict[str, pa.Array]) -> tuple[np.ndarray, np.ndarray]:
+    """(each row has a problem, recorded_on's date ordinal)."""
+    bad_code = _judged(columns["code"], lambda raw: normalise_consent_code(raw) not in CONSENT_CODES,
+                       np.bool_)
+    bad_date, ordinal = _date_problem(columns["recorded_on"], required=True)
+    return bad_code | bad_date, ordinal
+
+
+def _consent_code(raw: str) -> str:
+    """The code a consent entry stands for: normalised, legacy codes mapped."""
+    code = normalise_consent_code(raw)
+    return LEGACY_CONSENT.get(code, code)
 
 
 def _consent_piece(columns: dict[str, pa.Array]) -> tuple[set[str], tuple]:
     """The ids of consent rows with problems, and (id, date ordinal, is dissent) per row."""
-    code = columns["code"]
-    dissent = _judged(code, lambda raw: LEGACY_CONSENT.get(
-        normalise_consent_code(raw), normalise_consent_code(raw)) == CONSENT_DISSENT, np.bool_)
-    bad_code = _judged(code, lambda raw: normalise_consent_code(raw) not in CONSENT_CODES, np.bool_)
-    bad_date, ordinal = _date_problem(columns["recorded_on"], required=True)
-    rows = (_stripped(columns["patient_id"]), ordinal, dissent)
-    return _charged(columns, bad_code | bad_date), rows
+    problem, ordinal = _consent_checks(columns)
+    dissent = _judged(columns["code"], lambda raw: _consent_code(raw) == CONSENT_DISSENT, np.bool_)
+    return _charged(columns, problem), (_stripped(columns["patient_id"]), ordinal, dissent)
 
 
-def _dissenting(pieces: list[tuple]) -> pa.Array:
-    """The ids whose latest consent entry (by recorded_on, then file order) is dissent."""
-    pids = pa.concat_arrays([p[0] for p in pieces]) if pieces else pa.array([], pa.string())
-    if len(pids) == 0:
-        return pids
-    ordinal = np.concatenate([p[1] for p in pieces])
-    dissent = np.concatenate([p[2] for p in pieces])
+def _latest(pids: pa.Array, ordinal: np.ndarray) -> np.ndarray:
+    """The position of each id's latest consent entry: by recorded_on, an entry without a date
+    losing to any dated one, then the later row."""
     pid_index = pc.dictionary_encode(pids).indices.to_numpy()
-    # An entry without a date loses to any dated one; among equals the later row wins.
     order = np.lexsort((np.arange(len(pid_index)), np.maximum(ordinal, 0), pid_index))
     last = np.ones(len(order), dtype=bool)
     last[:-1] = pid_index[order][1:] != pid_index[order][:-1]
-    latest = order[last]
+    return order[last]
+
+
+def _dissenting(pieces: list[tuple]) -> pa.Array:
+    """The ids whose latest consent entry is dissent."""
+    pids = pa.concat_arrays([p[0] for p in pieces]) if pieces else pa.array([], pa.string())
+    if len(pids) == 0:
+        return pids
+    dissent = np.concatenate([p[2] for p in pieces])
+    latest = _latest(pids, np.concatenate([p[1] for p in pieces]))
     return pids.take(pa.array(latest[dissent[latest]]))
 
 
@@ -466,27 +521,38 @@ def _first_reason(reason: np.ndarray, masks: dict[str, np.ndarray]) -> None:
 
 _PATIENT_COLUMNS = tuple(c for c in REQUIRED_COLUMNS["patients.csv"]
                          if c not in ("family_name", "given_name", "sex"))
+_PATIENT_DATES = ("birth_date", "registered_on", "left_on", "deceased_on")
 
 
-def _patient_piece(columns: dict[str, pa.Array], policy: Policy) -> tuple:
-    """Each row's first reason among those that need no other row or file, with what the rest
-    need: (id, normalised number, number is valid, id is blank, reason)."""
+@dataclass
+class _PatientRows:
+    """What a piece of patients.csv says of its rows, columns of one value per row: the id
+    (stripped) and whether it is blank, the normalised NHS number and whether it is valid, the
+    date ordinal of each date column, each flag's truth, and the first reason among those that
+    need no other row or file."""
+
+    pids: pa.Array
+    blank: np.ndarray
+    numbers: pa.Array
+    valid: np.ndarray
+    dates: dict[str, np.ndarray]
+    flags: dict[str, np.ndarray]
+    reason: np.ndarray
+
+
+def _patient_rows(columns: dict[str, pa.Array], policy: Policy) -> _PatientRows:
     today = policy.today
     pids = _stripped(columns["patient_id"])
     n = len(pids)
     if n and pc.any(pc.starts_with(pids, _BLANK_ID_PREFIX)).as_py():
-        raise _Fallback
+        raise Fallback
     blank = pc.equal(pids, "").to_numpy(zero_copy_only=False)
     malformed = blank.copy()
-    for name in ("birth_date", "registered_on", "left_on", "deceased_on"):
-        problem, ordinal = _date_problem(columns[name], required=name == "birth_date", today=today)
+    dates = {}
+    for name in _PATIENT_DATES:
+        problem, dates[name] = _date_problem(columns[name], required=name == "birth_date",
+                                             today=today)
         malformed |= problem
-        if name == "registered_on":
-            registered = ordinal
-        elif name == "left_on":
-            left = ordinal != 0
-        elif name == "deceased_on":
-            deceased = ordinal != 0
     flags = {}
     for name in ("fp69", "sensitive", "pds_synchronised", "has_national_summary"):
         value = _judged(columns[name], _flag, np.int8)
@@ -497,7 +563,7 @@ def _patient_piece(columns: dict[str, pa.Array], policy: Policy) -> tuple:
     valid = _valid_numbers(numbers)
     permanent = _judged(columns["registration_type"], lambda raw: raw.strip().lower() == "permanent",
                         np.bool_)
-    days = policy.update_existing_after_days
+    days, registered = policy.update_existing_after_days, dates["registered_on"]
     may_update = np.zeros(n, dtype=bool) if days is None else (
         (registered > 0) & (registered + days < today.toordinal()))
     reason = np.full(n, _ELIGIBLE, dtype=np.int8)
@@ -506,14 +572,21 @@ def _patient_piece(columns: dict[str, pa.Array], policy: Policy) -> tuple:
         "no_nhs_number": pc.equal(numbers, "").to_numpy(zero_copy_only=False),
         "invalid_nhs_number": ~valid,
         "not_permanent": ~permanent,
-        "left_practice": left,
-        "deceased": deceased,
+        "left_practice": dates["left_on"] != 0,
+        "deceased": dates["deceased_on"] != 0,
         "fp69": flags["fp69"],
         "sensitive": flags["sensitive"],
         "not_pds_synchronised": ~flags["pds_synchronised"],
         "existing_summary": flags["has_national_summary"] & ~may_update,
     })
-    return pids, numbers, valid, blank, reason
+    return _PatientRows(pids, blank, numbers, valid, dates, flags, reason)
+
+
+def _patient_piece(columns: dict[str, pa.Array], policy: Policy) -> tuple:
+    """Each row's first reason among those that need no other row or file, with what the rest
+    need: (id, normalised number, number is valid, id is blank, reason)."""
+    rows = _patient_rows(columns, policy)
+    return rows.pids, rows.numbers, rows.valid, rows.blank, rows.reason
 
 
 def _counts(index: np.ndarray) -> np.ndarray:
@@ -554,3 +627,179 @@ def _summary(pieces: list[tuple], pids: pa.Array, duplicate: np.ndarray, charged
         "eligible": int(by_reason[_ELIGIBLE]),
         "not_required_by_reason": {r: int(by_reason[i]) for i, r in enumerate(NOT_REQUIRED_REASONS)},
     }
+
+
+# --- the extract index ------------------------------------------------------------------------------
+# A job's index (``prepared.build``) holds every row's values as the row reader parses them. Here
+# they are read by columns and written in bulk; a row with a problem keeps its parsed values, but
+# its problems are told only by the row reader (nothing reads them from the index: such a row is
+# never sent).
+
+_ROW_PROBLEM = json.dumps(["this row has a problem: the row reader (scr-nb's load_practice) "
+                           "names it"])
+_REASON_NAMES = [*NOT_REQUIRED_REASONS, None]
+
+
+def fill_index(root: Path, policy: Policy, writer: IndexWriter) -> date | None:
+    """Write every row of the extract into ``writer`` exactly as ``prepared``'s row-at-a-time
+    build does (but for the words of a broken row's problems), and return the earliest day after
+    today on which a decision would change (``prepared._Turns``). Fallback for anything only the
+    row reader reads exactly; the writer then holds part of the extract."""
+    pool = ThreadPoolExecutor(_WORKERS)
+    try:
+        charged: set[str] = set()
+        consent = []
+        grouped: set[tuple[str, str]] = set()
+        for name, (charges, rows) in _in_order(pool, _tasks(root, _INDEXED_FILES, numbered=True)):
+            charged |= charges
+            if name == "consent.csv":
+                consent.append(rows)
+            elif name == "groups.csv":
+                # A patient is in a group once, at the first row naming them in it.
+                writer.insert("groups", [pair for pair in rows
+                                         if pair not in grouped and not grouped.add(pair)])
+            else:
+                writer.insert(name.removesuffix(".csv"), rows)
+        work = partial(_indexed_patients, policy=policy, charged=pa.array(sorted(charged), pa.string()),
+                       latest=_latest_entries(consent))
+        turn = None
+        for _, (day, rows) in _in_order(pool, _tasks(
+                root, (("patients.csv", REQUIRED_COLUMNS["patients.csv"], work),), numbered=True)):
+            writer.insert("patients", rows)
+            if day is not None and (turn is None or day < turn):
+                turn = day
+        return date.fromordinal(turn) if turn is not None else None
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _text(column: pa.Array) -> list[str]:
+    """``str.strip()`` of every value."""
+    if pc.all(pc.string_is_ascii(column)).as_py() is False:
+        return [value.strip() for value in column.to_pylist()]
+    return pc.utf8_trim(column, characters=_ASCII_WHITESPACE).to_pylist()
+
+
+def _mapped(column: pa.Array, judge: Callable[[str], object]) -> list:
+    """``judge(value)`` of every value, computed once per distinct value."""
+    if len(column) == 0:
+        return []
+    encoded = pc.dictionary_encode(column)
+    verdicts = [judge(value) for value in encoded.dictionary.to_pylist()]
+    return [verdicts[i] for i in encoded.indices.to_numpy().tolist()]
+
+
+def _lower(raw: str) -> str:
+    return raw.strip().lower()
+
+
+def _isoformat(ordinal: np.ndarray) -> list[str | None]:
+    """The ISO date of each ordinal: what the index keeps of a parsed date; None for a blank (0)
+    or a value that is not a date (-1)."""
+    days, index = np.unique(ordinal, return_inverse=True)
+    text = [date.fromordinal(day).isoformat() if day > 0 else None for day in days.tolist()]
+    return [text[i] for i in index.tolist()]
+
+
+def _indexed_medications(columns: dict[str, pa.Array], lines: np.ndarray) -> tuple[set[str], list]:
+    """The ids charged with a problem, and the rows of the index's medications table."""
+    problem, dates = _medication_checks(columns)
+    rows = list(zip(
+        _text(columns["patient_id"]), lines.tolist(), _text(columns["medication_id"]),
+        _mapped(columns["kind"], _lower), _text(columns["dmd_code"]), columns["drug"].to_pylist(),
+        columns["dosage"].to_pylist(), columns["quantity"].to_pylist(),
+        *(_isoformat(dates[name]) for name in ("prescribed_on", "repeat_until", "discontinued_on"))))
+    return _charged(columns, problem), rows
+
+
+def _indexed_allergies(columns: dict[str, pa.Array], lines: np.ndarray) -> tuple[set[str], list]:
+    """The ids charged with a problem, and the rows of the index's allergies table."""
+    problem, recorded, negative = _allergy_checks(columns)
+    rows = list(zip(
+        _text(columns["patient_id"]), lines.tolist(), _text(columns["allergy_id"]),
+        _mapped(columns["kind"], _lower), _text(columns["snomed_code"]),
+        columns["description"].to_pylist(), _isoformat(recorded),
+        (negative == 1).astype(np.int8).tolist()))
+    return _charged(columns, problem), rows
+
+
+def _indexed_consent(columns: dict[str, pa.Array], lines: np.ndarray) -> tuple[set[str], tuple]:
+    """The ids charged with a problem, and (id, date ordinal, code) per row."""
+    problem, ordinal = _consent_checks(columns)
+    codes = pa.array(_mapped(columns["code"], _consent_code), pa.string())
+    return _charged(columns, problem), (_stripped(columns["patient_id"]), ordinal, codes)
+
+
+def _indexed_groups(columns: dict[str, pa.Array], lines: np.ndarray) -> tuple[set[str], list]:
+    """(group name, patient id) of every row that names both."""
+    return set(), [(name, pid) for name, pid in zip(_text(columns["group_name"]),
+                                                    _text(columns["patient_id"])) if name and pid]
+
+
+def _latest_entries(pieces: list[tuple]) -> tuple[pa.Array, list[str], np.ndarray]:
+    """(ids, the code of each one's latest consent entry, that entry's date ordinal)."""
+    if not pieces:
+        return pa.array([], pa.string()), [], np.zeros(0, dtype=np.int64)
+    pids = pa.concat_arrays([p[0] for p in pieces])
+    ordinal = np.concatenate([p[1] for p in pieces])
+    latest = _latest(pids, ordinal) if len(pids) else np.zeros(0, dtype=np.int64)
+    codes = pa.concat_arrays([p[2] for p in pieces]).take(pa.array(latest)).to_pylist()
+    return pids.take(pa.array(latest)), codes, ordinal[latest]
+
+
+def _indexed_patients(columns: dict[str, pa.Array], lines: np.ndarray, policy: Policy,
+                      charged: pa.Array, latest: tuple) -> tuple[int | None, list]:
+    """(the earliest ordinal after today on which a decision of these rows would change, the rows
+    of the index's patients table)."""
+    rows = _patient_rows(columns, policy)
+    reason, n = rows.reason, len(rows.pids)
+    if len(charged):
+        _first_reason(reason, {"malformed_record": pc.is_in(rows.pids, value_set=charged)
+                               .to_numpy(zero_copy_only=False)})
+    latest_pids, latest_codes, latest_on = latest
+    entry = pc.index_in(rows.pids, value_set=latest_pids).fill_null(-1).to_numpy(
+        zero_copy_only=False).astype(np.int64)
+    entry[rows.blank] = -1   # a blank id is read as "(blank id, line N)": nobody's consent
+    codes = [latest_codes[i] if i >= 0 else None for i in entry.tolist()]
+    consent_on = np.zeros(n, dtype=np.int64)
+    consent_on[entry >= 0] = latest_on[entry[entry >= 0]]
+    pids = rows.pids.to_pylist()
+    for i in np.flatnonzero(rows.blank).tolist():
+        pids[i] = f"{_BLANK_ID_PREFIX} {lines[i]})"
+    malformed = reason == _REASON["malformed_record"]
+    table = list(zip(
+        lines.tolist(), pids, rows.numbers.to_pylist(), rows.valid.astype(np.int8).tolist(),
+        columns["family_name"].to_pylist(), columns["given_name"].to_pylist(),
+        _isoformat(rows.dates["birth_date"]), _text(columns["sex"]),
+        _mapped(columns["registration_type"], _lower),
+        *(_isoformat(rows.dates[name]) for name in _PATIENT_DATES[1:]),
+        *(rows.flags[name].astype(np.int8).tolist()
+          for name in ("fp69", "sensitive", "pds_synchronised", "has_national_summary")),
+        np.where(malformed, _ROW_PROBLEM, "[]").tolist(),
+        [_REASON_NAMES[r] for r in reason.tolist()], codes, _isoformat(consent_on)))
+    return _turn(rows, policy), table
+
+
+def _turn(rows: _PatientRows, policy: Policy) -> int | None:
+    """``prepared._Turns`` over a piece: the earliest date after today in a date column, or day on
+    which a national summary becomes old enough to update."""
+    today = policy.today.toordinal()
+    days = [dates[dates > today] for dates in rows.dates.values()]
+    if policy.update_existing_after_days is not None:
+        registered = rows.dates["registered_on"]
+        updatable = registered[rows.flags["has_national_summary"] & (registered > 0)] + (
+            policy.update_existing_after_days + 1)
+        if len(updatable) and (updatable.max() > date.max.toordinal() or updatable.min() < 1):
+            raise Fallback   # the row reader's date arithmetic overflows: its error is the answer
+        days.append(updatable[updatable > today])
+    later = np.concatenate(days)
+    return int(later.min()) if len(later) else None
+
+
+# The files read before patients.csv, in the row reader's order, with the index's work on each.
+_INDEXED_FILES = (
+    ("consent.csv", REQUIRED_COLUMNS["consent.csv"], _indexed_consent),
+    ("medications.csv", REQUIRED_COLUMNS["medications.csv"], _indexed_medications),
+    ("allergies.csv", REQUIRED_COLUMNS["allergies.csv"], _indexed_allergies),
+    ("groups.csv", REQUIRED_COLUMNS["groups.csv"], _indexed_groups),
+)

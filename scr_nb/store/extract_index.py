@@ -43,6 +43,8 @@ CREATE TABLE allergies (
 );
 CREATE TABLE groups (name TEXT NOT NULL, patient_id TEXT NOT NULL);
 """
+# Each table's count of columns, for ``IndexWriter.insert``.
+_WIDTHS = {"patients": 20, "medications": 11, "allergies": 8, "groups": 2}
 # Made after the rows are in: building an index over sorted rows once beats keeping it up to date.
 _INDEXES = """
 CREATE INDEX patients_patient_id ON patients (patient_id);
@@ -110,35 +112,35 @@ class IndexWriter(_Rows):
         self.db.executescript(_SCHEMA)
         self.db.execute("BEGIN")
 
+    def insert(self, table: str, rows: Iterable[tuple]) -> None:
+        """Rows of one table, each a tuple of its columns in the schema's order."""
+        marks = ", ".join("?" * _WIDTHS[table])
+        self.db.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
+
     def add_medications(self, rows: Iterable[Medication]) -> None:
-        self.db.executemany(
-            "INSERT INTO medications VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            ((m.patient_id, m.row, m.medication_id, m.kind, m.dmd_code, m.drug, m.dosage,
-              m.quantity, _iso(m.prescribed_on), _iso(m.repeat_until), _iso(m.discontinued_on))
-             for m in rows))
+        self.insert("medications", (
+            (m.patient_id, m.row, m.medication_id, m.kind, m.dmd_code, m.drug, m.dosage,
+             m.quantity, _iso(m.prescribed_on), _iso(m.repeat_until), _iso(m.discontinued_on))
+            for m in rows))
 
     def add_allergies(self, rows: Iterable[Allergy]) -> None:
-        self.db.executemany(
-            "INSERT INTO allergies VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            ((a.patient_id, a.row, a.allergy_id, a.kind, a.snomed_code, a.description,
-              _iso(a.recorded_on), int(a.negative)) for a in rows))
+        self.insert("allergies", (
+            (a.patient_id, a.row, a.allergy_id, a.kind, a.snomed_code, a.description,
+             _iso(a.recorded_on), int(a.negative)) for a in rows))
 
     def add_groups(self, groups: dict[str, list[str]]) -> None:
-        self.db.executemany("INSERT INTO groups VALUES (?, ?)",
-                            ((name, pid) for name, ids in groups.items() for pid in ids))
+        self.insert("groups", ((name, pid) for name, ids in groups.items() for pid in ids))
 
     def add_patients(self, rows: Iterable[tuple[Patient, bool, str | None, str | None,
                                                  date | None]]) -> None:
         """(patient, NHS number valid, own reason, latest consent code, its date) per row."""
-        self.db.executemany(
-            "INSERT INTO patients VALUES "
-            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            ((p.row, p.patient_id, p.nhs_number, int(valid), p.family_name, p.given_name,
-              _iso(p.birth_date), p.sex, p.registration_type, _iso(p.registered_on),
-              _iso(p.left_on), _iso(p.deceased_on), int(p.fp69), int(p.sensitive),
-              int(p.pds_synchronised), int(p.has_national_summary), json.dumps(p.problems),
-              reason, consent, _iso(consent_on))
-             for p, valid, reason, consent, consent_on in rows))
+        self.insert("patients", (
+            (p.row, p.patient_id, p.nhs_number, int(valid), p.family_name, p.given_name,
+             _iso(p.birth_date), p.sex, p.registration_type, _iso(p.registered_on),
+             _iso(p.left_on), _iso(p.deceased_on), int(p.fp69), int(p.sensitive),
+             int(p.pds_synchronised), int(p.has_national_summary), json.dumps(p.problems),
+             reason, consent, _iso(consent_on))
+            for p, valid, reason, consent, consent_on in rows))
 
     def seal(self) -> None:
         """Every row is in: commit them and index them, for the duplicates and for reading by
