@@ -49,7 +49,7 @@ from scr_nb.store.states import NOT_REQUIRED_REASONS
 _BOM = b"\xef\xbb\xbf"
 # What str.strip() removes among ASCII characters (the non-ASCII ones send a file to the row reader).
 _ASCII_WHITESPACE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
-_COMMA, _LF, _CR, _QUOTE = b",\n\r\""
+_COMMA, _LF, _CR, _QUOTE, _BACKSLASH = b",\n\r\"\\"
 # The row reader names a patient row with a blank id like this; a real id of that shape could
 # collide with it, so such an extract goes to the row reader.
 _BLANK_ID_PREFIX = "(blank id, line"
@@ -656,16 +656,16 @@ def fill_index(root: Path, policy: Policy, writer: IndexWriter) -> date | None:
                 consent.append(rows)
             elif name == "groups.csv":
                 # A patient is in a group once, at the first row naming them in it.
-                writer.insert("groups", [pair for pair in rows
-                                         if pair not in grouped and not grouped.add(pair)])
+                writer.insert("groups", [pair for pair in _rows(rows) if pair[0] and pair[1]
+                                         and pair not in grouped and not grouped.add(pair)])
             else:
-                writer.insert(name.removesuffix(".csv"), rows)
+                writer.insert(name.removesuffix(".csv"), _rows(rows))
         work = partial(_indexed_patients, policy=policy, charged=pa.array(sorted(charged), pa.string()),
                        latest=_latest_entries(consent))
         turn = None
         for _, (day, rows) in _in_order(pool, _tasks(
                 root, (("patients.csv", REQUIRED_COLUMNS["patients.csv"], work),), numbered=True)):
-            writer.insert("patients", rows)
+            writer.insert("patients", _rows(rows))
             if day is not None and (turn is None or day < turn):
                 turn = day
         return date.fromordinal(turn) if turn is not None else None
@@ -673,77 +673,114 @@ def fill_index(root: Path, policy: Policy, writer: IndexWriter) -> date | None:
         pool.shutdown(cancel_futures=True)
 
 
-def _text(column: pa.Array) -> list[str]:
+def _rows(columns: list[pa.Array | np.ndarray]) -> Iterator[tuple]:
+    """Rows of Python values from columns. Made here, in the thread that writes them, rather than
+    in the workers: a worker holding the GIL in Python code would hold up the writer, which lets
+    go of it for every row."""
+    return zip(*(c.to_pylist() if isinstance(c, pa.Array) else c.tolist() for c in columns))
+
+
+def _trimmed(column: pa.Array) -> pa.Array:
     """``str.strip()`` of every value."""
-    if pc.all(pc.string_is_ascii(column)).as_py() is False:
-        return [value.strip() for value in column.to_pylist()]
-    return pc.utf8_trim(column, characters=_ASCII_WHITESPACE).to_pylist()
+    if len(column) and not pc.all(pc.string_is_ascii(column)).as_py():
+        return pa.array([value.strip() for value in column.to_pylist()], pa.string())
+    return pc.utf8_trim(column, characters=_ASCII_WHITESPACE)
 
 
-def _mapped(column: pa.Array, judge: Callable[[str], object]) -> list:
+def _mapped(column: pa.Array, judge: Callable[[str], str]) -> pa.Array:
     """``judge(value)`` of every value, computed once per distinct value."""
-    if len(column) == 0:
-        return []
     encoded = pc.dictionary_encode(column)
-    verdicts = [judge(value) for value in encoded.dictionary.to_pylist()]
-    return [verdicts[i] for i in encoded.indices.to_numpy().tolist()]
+    verdicts = pa.array([judge(value) for value in encoded.dictionary.to_pylist()], pa.string())
+    return verdicts.take(encoded.indices)
 
 
 def _lower(raw: str) -> str:
     return raw.strip().lower()
 
 
-def _isoformat(ordinal: np.ndarray) -> list[str | None]:
-    """The ISO date of each ordinal: what the index keeps of a parsed date; None for a blank (0)
-    or a value that is not a date (-1)."""
+# --- the index's JSON ``data`` built by pyarrow: each value as ``json.dumps`` would write it.
+
+def _json_strings(column: pa.Array) -> pa.Array:
+    """Each value as a JSON string; a null as null. numpy finds which bytes need escaping (a
+    backslash, a quote, a control character) so that pyarrow replaces only those."""
+    data = column.buffers()[2]
+    chars = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    special = set(np.unique(chars[(chars < 32) | (chars == _QUOTE) | (chars == _BACKSLASH)]).tolist())
+    if _BACKSLASH in special:   # first, so that the backslashes put in below stay single
+        column = pc.replace_substring(column, "\\", "\\\\")
+    if _QUOTE in special:
+        column = pc.replace_substring(column, '"', '\\"')
+    for code in sorted(special - {_BACKSLASH, _QUOTE}):
+        column = pc.replace_substring(column, chr(code), f"\\u{code:04x}")
+    return pc.fill_null(pc.binary_join_element_wise('"', column, '"', ""), "null")
+
+
+def _json_dates(ordinal: np.ndarray) -> pa.Array:
+    """The ISO date of each ordinal as a JSON string: what the index keeps of a parsed date; null
+    for a blank (0) or a value that is not a date (-1)."""
     days, index = np.unique(ordinal, return_inverse=True)
-    text = [date.fromordinal(day).isoformat() if day > 0 else None for day in days.tolist()]
-    return [text[i] for i in index.tolist()]
+    text = [json.dumps(date.fromordinal(day).isoformat() if day > 0 else None)
+            for day in days.tolist()]
+    return pa.array(text, pa.string()).take(pa.array(index.reshape(-1)))
+
+
+def _json_choice(mask: np.ndarray, no: str, yes: str) -> pa.Array:
+    """``yes`` where the mask holds, else ``no`` (JSON texts)."""
+    return pa.array([no, yes], pa.string()).take(pa.array(mask.astype(np.int8)))
+
+
+def _json_arrays(values: list[pa.Array]) -> pa.Array:
+    """Row by row, the JSON array of the values given (each already JSON)."""
+    return pc.binary_join_element_wise("[", pc.binary_join_element_wise(*values, ","), "]", "")
 
 
 def _indexed_medications(columns: dict[str, pa.Array], lines: np.ndarray) -> tuple[set[str], list]:
     """The ids charged with a problem, and the rows of the index's medications table."""
     problem, dates = _medication_checks(columns)
-    rows = list(zip(
-        _text(columns["patient_id"]), lines.tolist(), _text(columns["medication_id"]),
-        _mapped(columns["kind"], _lower), _text(columns["dmd_code"]), columns["drug"].to_pylist(),
-        columns["dosage"].to_pylist(), columns["quantity"].to_pylist(),
-        *(_isoformat(dates[name]) for name in ("prescribed_on", "repeat_until", "discontinued_on"))))
-    return _charged(columns, problem), rows
+    data = _json_arrays([
+        _json_strings(_trimmed(columns["medication_id"])),
+        _json_strings(_mapped(columns["kind"], _lower)),
+        _json_strings(_trimmed(columns["dmd_code"])),
+        *(_json_strings(columns[name]) for name in ("drug", "dosage", "quantity")),
+        *(_json_dates(dates[name]) for name in ("prescribed_on", "repeat_until", "discontinued_on")),
+    ])
+    return _charged(columns, problem), [_trimmed(columns["patient_id"]), lines, data]
 
 
 def _indexed_allergies(columns: dict[str, pa.Array], lines: np.ndarray) -> tuple[set[str], list]:
     """The ids charged with a problem, and the rows of the index's allergies table."""
     problem, recorded, negative = _allergy_checks(columns)
-    rows = list(zip(
-        _text(columns["patient_id"]), lines.tolist(), _text(columns["allergy_id"]),
-        _mapped(columns["kind"], _lower), _text(columns["snomed_code"]),
-        columns["description"].to_pylist(), _isoformat(recorded),
-        (negative == 1).astype(np.int8).tolist()))
-    return _charged(columns, problem), rows
+    data = _json_arrays([
+        _json_strings(_trimmed(columns["allergy_id"])),
+        _json_strings(_mapped(columns["kind"], _lower)),
+        _json_strings(_trimmed(columns["snomed_code"])),
+        _json_strings(columns["description"]),
+        _json_dates(recorded),
+        _json_choice(negative == 1, "0", "1"),
+    ])
+    return _charged(columns, problem), [_trimmed(columns["patient_id"]), lines, data]
 
 
 def _indexed_consent(columns: dict[str, pa.Array], lines: np.ndarray) -> tuple[set[str], tuple]:
     """The ids charged with a problem, and (id, date ordinal, code) per row."""
     problem, ordinal = _consent_checks(columns)
-    codes = pa.array(_mapped(columns["code"], _consent_code), pa.string())
+    codes = _mapped(columns["code"], _consent_code)
     return _charged(columns, problem), (_stripped(columns["patient_id"]), ordinal, codes)
 
 
 def _indexed_groups(columns: dict[str, pa.Array], lines: np.ndarray) -> tuple[set[str], list]:
-    """(group name, patient id) of every row that names both."""
-    return set(), [(name, pid) for name, pid in zip(_text(columns["group_name"]),
-                                                    _text(columns["patient_id"])) if name and pid]
+    """(group name, patient id) columns."""
+    return set(), [_trimmed(columns["group_name"]), _trimmed(columns["patient_id"])]
 
 
-def _latest_entries(pieces: list[tuple]) -> tuple[pa.Array, list[str], np.ndarray]:
+def _latest_entries(pieces: list[tuple]) -> tuple[pa.Array, pa.Array, np.ndarray]:
     """(ids, the code of each one's latest consent entry, that entry's date ordinal)."""
     if not pieces:
-        return pa.array([], pa.string()), [], np.zeros(0, dtype=np.int64)
+        return pa.array([], pa.string()), pa.array([], pa.string()), np.zeros(0, dtype=np.int64)
     pids = pa.concat_arrays([p[0] for p in pieces])
     ordinal = np.concatenate([p[1] for p in pieces])
     latest = _latest(pids, ordinal) if len(pids) else np.zeros(0, dtype=np.int64)
-    codes = pa.concat_arrays([p[2] for p in pieces]).take(pa.array(latest)).to_pylist()
+    codes = pa.concat_arrays([p[2] for p in pieces]).take(pa.array(latest))
     return pids.take(pa.array(latest)), codes, ordinal[latest]
 
 
@@ -760,24 +797,27 @@ def _indexed_patients(columns: dict[str, pa.Array], lines: np.ndarray, policy: P
     entry = pc.index_in(rows.pids, value_set=latest_pids).fill_null(-1).to_numpy(
         zero_copy_only=False).astype(np.int64)
     entry[rows.blank] = -1   # a blank id is read as "(blank id, line N)": nobody's consent
-    codes = [latest_codes[i] if i >= 0 else None for i in entry.tolist()]
+    has_entry = entry >= 0
+    codes = latest_codes.take(pa.array(entry, mask=~has_entry))
     consent_on = np.zeros(n, dtype=np.int64)
-    consent_on[entry >= 0] = latest_on[entry[entry >= 0]]
-    pids = rows.pids.to_pylist()
-    for i in np.flatnonzero(rows.blank).tolist():
-        pids[i] = f"{_BLANK_ID_PREFIX} {lines[i]})"
-    malformed = reason == _REASON["malformed_record"]
-    table = list(zip(
-        lines.tolist(), pids, rows.numbers.to_pylist(), rows.valid.astype(np.int8).tolist(),
-        columns["family_name"].to_pylist(), columns["given_name"].to_pylist(),
-        _isoformat(rows.dates["birth_date"]), _text(columns["sex"]),
-        _mapped(columns["registration_type"], _lower),
-        *(_isoformat(rows.dates[name]) for name in _PATIENT_DATES[1:]),
-        *(rows.flags[name].astype(np.int8).tolist()
+    consent_on[has_entry] = latest_on[entry[has_entry]]
+    pids = rows.pids
+    if rows.blank.any():
+        pids = pc.replace_with_mask(pids, pa.array(rows.blank), pa.array(
+            [f"{_BLANK_ID_PREFIX} {line})" for line in lines[rows.blank].tolist()], pa.string()))
+    data = _json_arrays([
+        _json_strings(columns["family_name"]), _json_strings(columns["given_name"]),
+        _json_dates(rows.dates["birth_date"]), _json_strings(_trimmed(columns["sex"])),
+        _json_strings(_mapped(columns["registration_type"], _lower)),
+        *(_json_dates(rows.dates[name]) for name in _PATIENT_DATES[1:]),
+        *(_json_choice(rows.flags[name], "0", "1")
           for name in ("fp69", "sensitive", "pds_synchronised", "has_national_summary")),
-        np.where(malformed, _ROW_PROBLEM, "[]").tolist(),
-        [_REASON_NAMES[r] for r in reason.tolist()], codes, _isoformat(consent_on)))
-    return _turn(rows, policy), table
+        _json_choice(reason == _REASON["malformed_record"], "[]", _ROW_PROBLEM),
+        _json_dates(consent_on),
+    ])
+    reasons = pa.array(_REASON_NAMES, pa.string()).take(pa.array(reason))
+    return _turn(rows, policy), [lines, pids, rows.numbers, rows.valid.astype(np.int8), reasons,
+                                 codes, data]
 
 
 def _turn(rows: _PatientRows, policy: Policy) -> int | None:

@@ -22,29 +22,22 @@ from pathlib import Path
 from scr_nb.extract.records import Allergy, Medication, Patient
 from scr_nb.private_files import create_private
 
-INDEX_VERSION = "1"
+INDEX_VERSION = "2"
+# What a query picks rows by is a column; the rest of a row, read only to rebuild its record, is
+# one JSON array (``data``; dates ISO or null, flags 0 or 1), which costs a small fraction of
+# writing each value on its own. Its order is the record's, as ``IndexWriter.add_*`` write it.
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE patients (
     row INTEGER PRIMARY KEY, patient_id TEXT NOT NULL, nhs_number TEXT NOT NULL,
-    nhs_valid INTEGER NOT NULL, family_name TEXT, given_name TEXT, birth_date TEXT, sex TEXT,
-    registration_type TEXT, registered_on TEXT, left_on TEXT, deceased_on TEXT,
-    fp69 INTEGER, sensitive INTEGER, pds_synchronised INTEGER, has_national_summary INTEGER,
-    problems TEXT NOT NULL, own_reason TEXT, consent TEXT, consent_on TEXT
+    nhs_valid INTEGER NOT NULL, own_reason TEXT, consent TEXT, data TEXT NOT NULL
 );
-CREATE TABLE medications (
-    patient_id TEXT NOT NULL, row INTEGER NOT NULL, medication_id TEXT, kind TEXT, dmd_code TEXT,
-    drug TEXT, dosage TEXT, quantity TEXT, prescribed_on TEXT, repeat_until TEXT,
-    discontinued_on TEXT
-);
-CREATE TABLE allergies (
-    patient_id TEXT NOT NULL, row INTEGER NOT NULL, allergy_id TEXT, kind TEXT, snomed_code TEXT,
-    description TEXT, recorded_on TEXT, negative INTEGER
-);
+CREATE TABLE medications (patient_id TEXT NOT NULL, row INTEGER NOT NULL, data TEXT NOT NULL);
+CREATE TABLE allergies (patient_id TEXT NOT NULL, row INTEGER NOT NULL, data TEXT NOT NULL);
 CREATE TABLE groups (name TEXT NOT NULL, patient_id TEXT NOT NULL);
 """
 # Each table's count of columns, for ``IndexWriter.insert``.
-_WIDTHS = {"patients": 20, "medications": 11, "allergies": 8, "groups": 2}
+_WIDTHS = {"patients": 7, "medications": 3, "allergies": 3, "groups": 2}
 # Made after the rows are in: building an index over sorted rows once beats keeping it up to date.
 _INDEXES = """
 CREATE INDEX patients_patient_id ON patients (patient_id);
@@ -119,14 +112,17 @@ class IndexWriter(_Rows):
 
     def add_medications(self, rows: Iterable[Medication]) -> None:
         self.insert("medications", (
-            (m.patient_id, m.row, m.medication_id, m.kind, m.dmd_code, m.drug, m.dosage,
-             m.quantity, _iso(m.prescribed_on), _iso(m.repeat_until), _iso(m.discontinued_on))
+            (m.patient_id, m.row, json.dumps([
+                m.medication_id, m.kind, m.dmd_code, m.drug, m.dosage, m.quantity,
+                _iso(m.prescribed_on), _iso(m.repeat_until), _iso(m.discontinued_on)]))
             for m in rows))
 
     def add_allergies(self, rows: Iterable[Allergy]) -> None:
         self.insert("allergies", (
-            (a.patient_id, a.row, a.allergy_id, a.kind, a.snomed_code, a.description,
-             _iso(a.recorded_on), int(a.negative)) for a in rows))
+            (a.patient_id, a.row, json.dumps([
+                a.allergy_id, a.kind, a.snomed_code, a.description, _iso(a.recorded_on),
+                int(a.negative)]))
+            for a in rows))
 
     def add_groups(self, groups: dict[str, list[str]]) -> None:
         self.insert("groups", ((name, pid) for name, ids in groups.items() for pid in ids))
@@ -135,11 +131,11 @@ class IndexWriter(_Rows):
                                                  date | None]]) -> None:
         """(patient, NHS number valid, own reason, latest consent code, its date) per row."""
         self.insert("patients", (
-            (p.row, p.patient_id, p.nhs_number, int(valid), p.family_name, p.given_name,
-             _iso(p.birth_date), p.sex, p.registration_type, _iso(p.registered_on),
-             _iso(p.left_on), _iso(p.deceased_on), int(p.fp69), int(p.sensitive),
-             int(p.pds_synchronised), int(p.has_national_summary), json.dumps(p.problems),
-             reason, consent, _iso(consent_on))
+            (p.row, p.patient_id, p.nhs_number, int(valid), reason, consent, json.dumps([
+                p.family_name, p.given_name, _iso(p.birth_date), p.sex, p.registration_type,
+                _iso(p.registered_on), _iso(p.left_on), _iso(p.deceased_on), int(p.fp69),
+                int(p.sensitive), int(p.pds_synchronised), int(p.has_national_summary),
+                list(p.problems), _iso(consent_on)]))
             for p, valid, reason, consent, consent_on in rows))
 
     def seal(self) -> None:
@@ -202,15 +198,21 @@ class ExtractIndex(_Rows):
         found: dict[int, tuple[Patient, date | None]] = {}
         for chunk in _chunks(rows):
             marks = ", ".join("?" * len(chunk))
-            for r in self.db.execute(f"SELECT * FROM patients WHERE row IN ({marks})", chunk):
+            for row, pid, number, data in self.db.execute(
+                    "SELECT row, patient_id, nhs_number, data FROM patients "
+                    f"WHERE row IN ({marks})", chunk):
+                (family_name, given_name, birth_date, sex, registration_type, registered_on,
+                 left_on, deceased_on, fp69, sensitive, pds_synchronised, has_national_summary,
+                 problems, consent_on) = json.loads(data)
                 patient = Patient(
-                    patient_id=r[1], nhs_number=r[2], family_name=r[4], given_name=r[5],
-                    birth_date=_day(r[6]), sex=r[7], registration_type=r[8],
-                    registered_on=_day(r[9]), left_on=_day(r[10]), deceased_on=_day(r[11]),
-                    fp69=bool(r[12]), sensitive=bool(r[13]), pds_synchronised=bool(r[14]),
-                    has_national_summary=bool(r[15]), row=r[0],
-                    problems=tuple(json.loads(r[16])))
-                found[r[0]] = (patient, _day(r[19]))
+                    patient_id=pid, nhs_number=number, family_name=family_name,
+                    given_name=given_name, birth_date=_day(birth_date), sex=sex,
+                    registration_type=registration_type, registered_on=_day(registered_on),
+                    left_on=_day(left_on), deceased_on=_day(deceased_on), fp69=bool(fp69),
+                    sensitive=bool(sensitive), pds_synchronised=bool(pds_synchronised),
+                    has_national_summary=bool(has_national_summary), row=row,
+                    problems=tuple(problems))
+                found[row] = (patient, _day(consent_on))
         return found
 
     def clinical(self, patient_ids: list[str]) -> tuple[dict[str, list[Medication]],
@@ -220,17 +222,23 @@ class ExtractIndex(_Rows):
         allergies: dict[str, list[Allergy]] = {}
         for chunk in _chunks(sorted(set(patient_ids))):
             marks = ", ".join("?" * len(chunk))
-            for r in self.db.execute(f"SELECT * FROM medications WHERE patient_id IN ({marks}) "
-                                     "ORDER BY row", chunk):
-                medications.setdefault(r[0], []).append(Medication(
-                    patient_id=r[0], row=r[1], medication_id=r[2], kind=r[3], dmd_code=r[4],
-                    drug=r[5], dosage=r[6], quantity=r[7], prescribed_on=_day(r[8]),
-                    repeat_until=_day(r[9]), discontinued_on=_day(r[10])))
-            for r in self.db.execute(f"SELECT * FROM allergies WHERE patient_id IN ({marks}) "
-                                     "ORDER BY row", chunk):
-                allergies.setdefault(r[0], []).append(Allergy(
-                    patient_id=r[0], row=r[1], allergy_id=r[2], kind=r[3], snomed_code=r[4],
-                    description=r[5], recorded_on=_day(r[6]), negative=bool(r[7])))
+            for pid, row, data in self.db.execute(
+                    f"SELECT * FROM medications WHERE patient_id IN ({marks}) ORDER BY row", chunk):
+                (medication_id, kind, dmd_code, drug, dosage, quantity, prescribed_on,
+                 repeat_until, discontinued_on) = json.loads(data)
+                medications.setdefault(pid, []).append(Medication(
+                    patient_id=pid, row=row, medication_id=medication_id, kind=kind,
+                    dmd_code=dmd_code, drug=drug, dosage=dosage, quantity=quantity,
+                    prescribed_on=_day(prescribed_on), repeat_until=_day(repeat_until),
+                    discontinued_on=_day(discontinued_on)))
+            for pid, row, data in self.db.execute(
+                    f"SELECT * FROM allergies WHERE patient_id IN ({marks}) ORDER BY row", chunk):
+                allergy_id, kind, snomed_code, description, recorded_on, negative = \
+                    json.loads(data)
+                allergies.setdefault(pid, []).append(Allergy(
+                    patient_id=pid, row=row, allergy_id=allergy_id, kind=kind,
+                    snomed_code=snomed_code, description=description,
+                    recorded_on=_day(recorded_on), negative=bool(negative)))
         return medications, allergies
 
 
