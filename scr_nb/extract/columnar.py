@@ -649,17 +649,18 @@ def fill_index(root: Path, policy: Policy, writer: IndexWriter) -> date | None:
     try:
         charged: set[str] = set()
         consent = []
-        grouped: set[tuple[str, str]] = set()
+        groups: dict[str, dict[str, None]] = {}   # as ``load_groups`` reads them
         for name, (charges, rows) in _in_order(pool, _tasks(root, _INDEXED_FILES, numbered=True)):
             charged |= charges
             if name == "consent.csv":
                 consent.append(rows)
             elif name == "groups.csv":
-                # A patient is in a group once, at the first row naming them in it.
-                writer.insert("groups", [pair for pair in _rows(rows) if pair[0] and pair[1]
-                                         and pair not in grouped and not grouped.add(pair)])
+                for group, pid in _rows(rows):
+                    if group and pid:
+                        groups.setdefault(group, {})[pid] = None
             else:
                 writer.insert(name.removesuffix(".csv"), _rows(rows))
+        writer.add_groups({group: list(members) for group, members in groups.items()})
         work = partial(_indexed_patients, policy=policy, charged=pa.array(sorted(charged), pa.string()),
                        latest=_latest_entries(consent))
         turn = None
