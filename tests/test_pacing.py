@@ -1,6 +1,7 @@
-"""The pace of the POSTs (scr_nb.spine.pacing): no pace before the first 429, a decrease on each
-new 429, a gentle climb back, every Retry-After honoured, a practice's rate limit kept with even
-spacing; then an unlimited kit against the simulator limiting its rate.
+"""The pace of the requests (scr_nb.spine.pacing): no pace before the first 429, a decrease when
+429s are more than a lone one, a gentle climb back, every Retry-After honoured, a practice's rate
+limit kept with even spacing; models of a whole upload against token-bucket Spines (counting
+POSTs, or polls too); then an unlimited kit against the simulator limiting its rate.
 
 Time is virtual (``VirtualTime``): a sleeping task wakes when every task waits on the clock and
 its wake time is the earliest, so a minute of pacing runs in a moment and nothing depends on
@@ -15,16 +16,10 @@ import itertools
 
 import pytest
 
-from scr_nb.spine.pacing import (
-    DECREASE,
-    LIMIT_MARGIN,
-    RECOVERY_S,
-    Pacer,
-    RateLimiter,
-)
+from scr_nb.spine import session as sessions
+from scr_nb.spine.pacing import DECREASE, LIMIT_MARGIN, RECOVERY_S, Pacer, RateLimiter
 from tests.conftest import ADMIN
 from tests.test_engine import eligible_numbers, held, job, status
-from scr_nb.spine import session as sessions
 
 
 class VirtualTime:
@@ -185,10 +180,7 @@ def test_a_retry_after_holds_every_send_and_poll_that_long():
     pacer.limited(sent[-1], 1.5)
     held_from = time.now
 
-    async def poll() -> float:
-        return await pacer.acquire_poll()
-
-    slots = time.run(*(send_every(pacer, time, 0.0, 1) for _ in range(4)), poll())
+    slots = time.run(*(send_every(pacer, time, 0.0, 1) for _ in range(4)), pacer.acquire_poll())
     assert min(slot for sender in slots[:4] for slot in sender) >= held_from + 1.5
     assert slots[4] >= held_from + 1.5
 

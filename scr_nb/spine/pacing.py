@@ -40,13 +40,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-DECREASE = 0.9          # a 429 takes the pace to this fraction of the rate that drew it (CUBIC's beta)
+DECREASE = 0.9          # a 429 takes the pace to this much of the rate that drew it (CUBIC's beta)
 RECOVERY_S = 5.0        # seconds the pace takes to climb back to the rate that drew the last 429
 CUBIC = (1.0 - DECREASE) / RECOVERY_S ** 3   # so the cubic curve starts at DECREASE and meets 1.0
 WINDOW_S = 1.0          # the rate the kit sends at is measured over the last second of sends
 SHORTEST_SPAN_S = 0.01  # ... and never over less than this, so a few sends in a row are no infinity
 LIMIT_MARGIN = 0.01     # a practice's rate limit is kept this fraction under: 10 ms of every second
-TOLERATED = 100         # a lone 429 to this many requests in a row brings no decrease; a second does
+TOLERATED = 100         # a lone 429 to this many requests in a row slows nothing; a second does
 
 
 class Pacer:
