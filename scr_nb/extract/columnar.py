@@ -735,31 +735,48 @@ def _json_arrays(values: list[pa.Array]) -> pa.Array:
     return pc.binary_join_element_wise("[", pc.binary_join_element_wise(*values, ","), "]", "")
 
 
+def _json_lines(lines: np.ndarray) -> pa.Array:
+    return pa.array(lines).cast(pa.string())
+
+
+def _runs(pids: pa.Array, lines: np.ndarray, records: pa.Array) -> list:
+    """(id, first line, JSON array of the records) per run of records of one patient in a row:
+    an extract lists a patient's medications together, so a few index rows hold them all."""
+    if len(pids) == 0:
+        return [pids, lines, records]
+    changed = pc.not_equal(pids.slice(1), pids.slice(0, len(pids) - 1)).to_numpy(
+        zero_copy_only=False)
+    starts = np.flatnonzero(np.concatenate(([True], changed)))
+    runs = pa.ListArray.from_arrays(pa.array(np.append(starts, len(pids)), pa.int32()), records)
+    data = pc.binary_join_element_wise("[", pc.binary_join(runs, ","), "]", "")
+    return [pids.take(pa.array(starts)), lines[starts], data]
+
+
 def _indexed_medications(columns: dict[str, pa.Array], lines: np.ndarray) -> tuple[set[str], list]:
     """The ids charged with a problem, and the rows of the index's medications table."""
     problem, dates = _medication_checks(columns)
-    data = _json_arrays([
-        _json_strings(_trimmed(columns["medication_id"])),
+    records = _json_arrays([
+        _json_lines(lines), _json_strings(_trimmed(columns["medication_id"])),
         _json_strings(_mapped(columns["kind"], _lower)),
         _json_strings(_trimmed(columns["dmd_code"])),
         *(_json_strings(columns[name]) for name in ("drug", "dosage", "quantity")),
         *(_json_dates(dates[name]) for name in ("prescribed_on", "repeat_until", "discontinued_on")),
     ])
-    return _charged(columns, problem), [_trimmed(columns["patient_id"]), lines, data]
+    return _charged(columns, problem), _runs(_trimmed(columns["patient_id"]), lines, records)
 
 
 def _indexed_allergies(columns: dict[str, pa.Array], lines: np.ndarray) -> tuple[set[str], list]:
     """The ids charged with a problem, and the rows of the index's allergies table."""
     problem, recorded, negative = _allergy_checks(columns)
-    data = _json_arrays([
-        _json_strings(_trimmed(columns["allergy_id"])),
+    records = _json_arrays([
+        _json_lines(lines), _json_strings(_trimmed(columns["allergy_id"])),
         _json_strings(_mapped(columns["kind"], _lower)),
         _json_strings(_trimmed(columns["snomed_code"])),
         _json_strings(columns["description"]),
         _json_dates(recorded),
         _json_choice(negative == 1, "0", "1"),
     ])
-    return _charged(columns, problem), [_trimmed(columns["patient_id"]), lines, data]
+    return _charged(columns, problem), _runs(_trimmed(columns["patient_id"]), lines, records)
 
 
 def _indexed_consent(columns: dict[str, pa.Array], lines: np.ndarray) -> tuple[set[str], tuple]:

@@ -22,10 +22,12 @@ from pathlib import Path
 from scr_nb.extract.records import Allergy, Medication, Patient
 from scr_nb.private_files import create_private
 
-INDEX_VERSION = "2"
+INDEX_VERSION = "3"
 # What a query picks rows by is a column; the rest of a row, read only to rebuild its record, is
 # one JSON array (``data``; dates ISO or null, flags 0 or 1), which costs a small fraction of
-# writing each value on its own. Its order is the record's, as ``IndexWriter.add_*`` write it.
+# writing each value on its own. Its order is the record's, as ``IndexWriter.add_*`` write it. A
+# medications or allergies row holds a run of one patient's records, consecutive in the file (each
+# record's line first): ``row`` is the run's first line.
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE patients (
@@ -112,16 +114,16 @@ class IndexWriter(_Rows):
 
     def add_medications(self, rows: Iterable[Medication]) -> None:
         self.insert("medications", (
-            (m.patient_id, m.row, json.dumps([
-                m.medication_id, m.kind, m.dmd_code, m.drug, m.dosage, m.quantity,
-                _iso(m.prescribed_on), _iso(m.repeat_until), _iso(m.discontinued_on)]))
+            (m.patient_id, m.row, json.dumps([[
+                m.row, m.medication_id, m.kind, m.dmd_code, m.drug, m.dosage, m.quantity,
+                _iso(m.prescribed_on), _iso(m.repeat_until), _iso(m.discontinued_on)]]))
             for m in rows))
 
     def add_allergies(self, rows: Iterable[Allergy]) -> None:
         self.insert("allergies", (
-            (a.patient_id, a.row, json.dumps([
-                a.allergy_id, a.kind, a.snomed_code, a.description, _iso(a.recorded_on),
-                int(a.negative)]))
+            (a.patient_id, a.row, json.dumps([[
+                a.row, a.allergy_id, a.kind, a.snomed_code, a.description, _iso(a.recorded_on),
+                int(a.negative)]]))
             for a in rows))
 
     def add_groups(self, groups: dict[str, list[str]]) -> None:
@@ -222,23 +224,23 @@ class ExtractIndex(_Rows):
         allergies: dict[str, list[Allergy]] = {}
         for chunk in _chunks(sorted(set(patient_ids))):
             marks = ", ".join("?" * len(chunk))
-            for pid, row, data in self.db.execute(
+            for pid, _, data in self.db.execute(
                     f"SELECT * FROM medications WHERE patient_id IN ({marks}) ORDER BY row", chunk):
-                (medication_id, kind, dmd_code, drug, dosage, quantity, prescribed_on,
-                 repeat_until, discontinued_on) = json.loads(data)
-                medications.setdefault(pid, []).append(Medication(
-                    patient_id=pid, row=row, medication_id=medication_id, kind=kind,
-                    dmd_code=dmd_code, drug=drug, dosage=dosage, quantity=quantity,
-                    prescribed_on=_day(prescribed_on), repeat_until=_day(repeat_until),
-                    discontinued_on=_day(discontinued_on)))
-            for pid, row, data in self.db.execute(
+                for (row, medication_id, kind, dmd_code, drug, dosage, quantity, prescribed_on,
+                     repeat_until, discontinued_on) in json.loads(data):
+                    medications.setdefault(pid, []).append(Medication(
+                        patient_id=pid, row=row, medication_id=medication_id, kind=kind,
+                        dmd_code=dmd_code, drug=drug, dosage=dosage, quantity=quantity,
+                        prescribed_on=_day(prescribed_on), repeat_until=_day(repeat_until),
+                        discontinued_on=_day(discontinued_on)))
+            for pid, _, data in self.db.execute(
                     f"SELECT * FROM allergies WHERE patient_id IN ({marks}) ORDER BY row", chunk):
-                allergy_id, kind, snomed_code, description, recorded_on, negative = \
-                    json.loads(data)
-                allergies.setdefault(pid, []).append(Allergy(
-                    patient_id=pid, row=row, allergy_id=allergy_id, kind=kind,
-                    snomed_code=snomed_code, description=description,
-                    recorded_on=_day(recorded_on), negative=bool(negative)))
+                for (row, allergy_id, kind, snomed_code, description, recorded_on,
+                     negative) in json.loads(data):
+                    allergies.setdefault(pid, []).append(Allergy(
+                        patient_id=pid, row=row, allergy_id=allergy_id, kind=kind,
+                        snomed_code=snomed_code, description=description,
+                        recorded_on=_day(recorded_on), negative=bool(negative)))
         return medications, allergies
 
 
