@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 # What stops a job without failing anyone: the Spine's 403, and a TLS failure (SPEC 6.3, 6.5).
 STOPPING_ERRORS = {AccessDenied: StopReason.ACCESS_DENIED, TlsFailure: StopReason.TLS_FAILURE}
-FLUSH_SECONDS = 0.25
+FLUSH_SECONDS = 1.0       # deferred state moves written at least this often (status readers lag as much)
 REQUESTS_SECONDS = 0.5    # how often Stop requests made through the store are read (SPEC: 2 s)
 DEFAULT_REQUEST_SECONDS = 30.0   # the longest one request may take, when the client does not say
 WORK_PAGE = 2_000          # patients read from the store at a time to be built and sent
