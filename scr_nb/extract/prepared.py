@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TypeVar
 
 from scr_nb.constants import LEGACY_CONSENT
-from scr_nb.extract.columnar import Fallback, fill_index
 from scr_nb.extract.eligibility import (
     Policy, final_reason, own_reason, patient_key, with_consent,
 )
@@ -86,6 +85,10 @@ def build(directory: str | Path, index_file: str | Path, policy: Policy, stamp: 
     broken file raises the row reader's own ExtractError."""
     root = check_directory(directory)
     if not by_rows:
+        # pyarrow and numpy are imported here, not with the module: a Resume on an unchanged
+        # extract reads nothing and need not pay a quarter of a second to load them.
+        from scr_nb.extract.columnar import Fallback, fill_index
+
         try:
             return _build(root, index_file, policy, stamp, fill_index)
         except Fallback:
