@@ -1,7 +1,7 @@
 """The kit's pace against a Spine that limits or delays it (SPEC 11, issue 11): `scr-nb upload run`
 against `scr-nb spine-sim`, each in its own process, measured by what the simulator saw.
 
-Three scenarios, each with a fresh simulator on a free 127.0.0.1 port, a fresh store and a fresh
+Scenarios, each with a fresh simulator on a free 127.0.0.1 port, a fresh store and a fresh
 session (`scr-nb login`), over one synthetic practice:
 
 - **adaptive**: the simulator limits POSTs to R a second (`--rate-limit R`, a token bucket), the
@@ -15,6 +15,9 @@ session (`scr-nb login`), over one synthetic practice:
   1/L apart draw a 429, so the transit jitter shows.
 - **latency**: the simulator answers each POST after `--latency-ms` (100), the kit runs with
   `--concurrency` (16): POSTs a second from the first to the last / (concurrency / latency).
+- **latency-lean**: the same against `lean_spine.py`, a stand-in that does nothing but wait the
+  latency and answer (202, then an AA): on this 2-core machine the simulator's own CPU (its checks,
+  about 3 ms a request) delays its answers beyond the latency, so this shows the kit's part alone.
 
 The rates come from the simulator's own record (`GET /_admin/traffic`: the times of the first and
 last POST answered 202, and per second the POSTs answered 202, those answered 429 and the polls)
@@ -39,7 +42,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -51,7 +54,7 @@ SEED = 20240611
 USER = {"user_id": "555000000001", "passcode": "bench-passcode", "name": "Dr Alex Morgan",
         "role_profile_id": "555000001001", "activities": ["B0062"], "session_hours": 10}
 KIT = [sys.executable, "-m", "scr_nb"]
-SCENARIOS = ("adaptive", "fixed", "fixed-burst-1", "latency")
+SCENARIOS = ("adaptive", "fixed", "fixed-burst-1", "latency", "latency-lean")
 COLUMNS = ("accepted_posts", "rate_limited_posts", "polls")   # of the simulator's traffic record
 
 
@@ -70,25 +73,34 @@ def simulator(workdir: Path, name: str, switches: list[str],
               start_timeout: float = 20.0) -> Iterator[str]:
     """A ``scr-nb spine-sim`` process on a free loopback port, its base URL; always stopped on the
     way out."""
-    port = free_port()
     users = workdir / "users.json"
     users.write_text(json.dumps([USER]), encoding="utf-8")
-    log = open(workdir / f"{name}-sim.log", "wb")
-    proc = subprocess.Popen([*KIT, "spine-sim", "--host", HOST, "--port", str(port),
-                             "--users", str(users), "--seed", str(SEED), *switches],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    with serving(workdir, f"{name}-sim", lambda port: [
+            *KIT, "spine-sim", "--host", HOST, "--port", str(port), "--users", str(users),
+            "--seed", str(SEED), *switches], start_timeout) as url:
+        yield url
+
+
+@contextmanager
+def serving(workdir: Path, name: str, command, start_timeout: float = 20.0) -> Iterator[str]:
+    """The server ``command(port)`` starts, on a free loopback port: its base URL; always stopped
+    on the way out."""
+    port = free_port()
+    log = open(workdir / f"{name}.log", "wb")
+    proc = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + start_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"the simulator exited with {proc.returncode}: "
-                                   f"{(workdir / f'{name}-sim.log').read_text()[-2000:]}")
+                raise RuntimeError(f"{name} exited with {proc.returncode}: "
+                                   f"{(workdir / f'{name}.log').read_text()[-2000:]}")
             try:
                 socket.create_connection((HOST, port), timeout=0.5).close()
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the simulator did not listen on {HOST}:{port} within "
+                    raise RuntimeError(f"{name} did not listen on {HOST}:{port} within "
                                        f"{start_timeout:.0f} s") from None
                 time.sleep(0.05)
         yield f"http://{HOST}:{port}"
@@ -109,12 +121,12 @@ def admin(url: str, what: str) -> dict:
 
 
 def upload(url: str, practice: Path, workdir: Path, name: str, kit_options: list[str],
-           timeout: float) -> dict:
-    """``scr-nb login`` then ``scr-nb upload run`` as subprocesses; the exit code, the seconds the
-    upload took and the store's counters."""
+           timeout: float, identity: str | None = None) -> dict:
+    """``scr-nb login`` (at ``identity``, default the Spine's URL) then ``scr-nb upload run`` as
+    subprocesses; the exit code, the seconds the upload took and the store's counters."""
     session, store = workdir / f"{name}-session.json", workdir / f"{name}.sqlite"
     environment = {**os.environ, "SCR_NB_PASSCODE": USER["passcode"]}
-    subprocess.run([*KIT, "login", "--identity", url, "--user", USER["user_id"],
+    subprocess.run([*KIT, "login", "--identity", identity or url, "--user", USER["user_id"],
                     "--session", str(session)], env=environment, check=True,
                    capture_output=True, timeout=60)
     started = time.monotonic()
@@ -163,11 +175,17 @@ def window(rows: list[list[int]], skip_s: float) -> dict:
 
 
 def scenario(name: str, practice: Path, workdir: Path, sim_switches: list[str],
-             kit_options: list[str], timeout: float) -> dict:
+             kit_options: list[str], timeout: float, lean_latency_ms: float | None = None) -> dict:
+    """One upload against a fresh simulator, or (``lean_latency_ms``) against the lean Spine of
+    ``lean_spine.py`` with that latency, the simulator only logging the user in."""
     load_start = loadavg()
-    with simulator(workdir, name, sim_switches) as url:
-        kit = upload(url, practice, workdir, name, kit_options, timeout)
-        traffic, stats = admin(url, "traffic"), admin(url, "stats")
+    with simulator(workdir, name, sim_switches) as sim_url:
+        with (serving(workdir, f"{name}-lean", lambda port: [
+                sys.executable, str(Path(__file__).with_name("lean_spine.py")), "--port",
+                str(port), "--latency-ms", f"{lean_latency_ms:g}"])
+              if lean_latency_ms else nullcontext(sim_url)) as url:
+            kit = upload(url, practice, workdir, name, kit_options, timeout, identity=sim_url)
+            traffic, stats = admin(url, "traffic"), admin(url, "stats")
     limited = stats["transient_faults_injected"].get("429", 0)
     requests = stats["requests"] + stats["polls"]
     rate = post_rate(traffic)
@@ -256,6 +274,14 @@ def main(argv: list[str] | None = None) -> int:
             results["latency"] = result
             ratios["concurrency_over_latency_per_s"] = ideal
             ratios["latency_rate_over_ideal"] = _ratio(result["post_rate_first_to_last"], ideal)
+        if "latency-lean" in chosen:
+            result = scenario("latency-lean", practice, workdir, [],
+                              ["--concurrency", str(args.concurrency)], args.timeout,
+                              lean_latency_ms=args.latency_ms)
+            results["latency-lean"] = result
+            ratios["concurrency_over_latency_per_s"] = ideal
+            ratios["latency_lean_rate_over_ideal"] = _ratio(result["post_rate_first_to_last"],
+                                                            ideal)
     report["scenarios"] = results
     report["ratios"] = ratios
     report["machine"]["loadavg_1_5_15_at_end"] = loadavg()
