@@ -46,7 +46,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -55,17 +54,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aiohttp  # noqa: E402
 
 from bench_upload import (  # noqa: E402  (benchmarks/ is not a package)
-    ASID,
     SEED,
     USER,
     cpu_seconds,
     loadavg,
     prebuild,
-    retry_after,
+    raw_load,
     sim_stats_sync,
     simulator,
 )
-from scr_nb.constants import SOAP_ACTION  # noqa: E402
 from scr_nb.sim.synth import write_practice  # noqa: E402
 from scr_nb.spine import session as sessions  # noqa: E402
 from scr_nb.spine.gp_summary import OutboundMessage  # noqa: E402
@@ -212,86 +209,15 @@ def run_kit(url: str, practice: Path, workdir: Path, session_file: Path,
 
 # --- the raw load ------------------------------------------------------------------------------------
 
-async def raw_load(url: str, token: str, messages: list[OutboundMessage], concurrency: int,
-                   timeout: float) -> dict:
-    """bench_upload.raw_load's shape (C senders, a poll task per 202), with the POSTs' times."""
-    counts = {"acknowledged": 0, "ack_not_aa": 0, "posts": 0, "polls": 0, "errors": 0}
-    base = {"Authorization": f"Bearer {token}", "NHSD-Session-URID": USER["role_profile_id"],
-            "NHSD-Identity-UUID": USER["user_id"], "nhsd-asid": ASID}
-    pollers: set[asyncio.Task] = set()
-    queue = iter(messages)
-    deadline = time.monotonic() + timeout
-    marks: dict[str, float] = {}
-
-    def headers() -> dict[str, str]:
-        return {**base, "NHSD-Request-ID": str(uuid.uuid4()).upper()}
-
-    async def poll(http: aiohttp.ClientSession, location: str, wait: float) -> None:
-        while time.monotonic() < deadline:
-            await asyncio.sleep(wait)
-            counts["polls"] += 1
-            async with http.get(location, headers=headers()) as response:
-                body = await response.read()
-                if response.status == 200:
-                    counts["acknowledged" if b'typeCode="AA"' in body else "ack_not_aa"] += 1
-                    marks["last_ack"] = time.perf_counter()
-                    return
-                if response.status != 202:
-                    counts["errors"] += 1
-                    return
-                wait = max(0.05, retry_after(response, 0.5))
-
-    async def sender(http: aiohttp.ClientSession) -> None:
-        for message in queue:
-            counts["posts"] += 1
-            now = time.perf_counter()
-            marks.setdefault("first_post", now)
-            marks["last_post"] = now
-            post_headers = {**headers(), "SOAPAction": SOAP_ACTION,
-                            "Content-Type": message.content_type}
-            async with http.post(f"{url}/clinical", data=message.body,
-                                 headers=post_headers) as response:
-                await response.read()
-                if response.status == 202:
-                    location = url + response.headers["Content-Location"]
-                    task = asyncio.create_task(poll(http, location, retry_after(response, 0.5)))
-                    pollers.add(task)
-                    task.add_done_callback(pollers.discard)
-                else:
-                    counts["errors"] += 1
-
-    connector = aiohttp.TCPConnector(limit=concurrency * 2 + 4)
-    async with aiohttp.ClientSession(connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=30)) as http:
-        started = time.perf_counter()
-        senders = [asyncio.create_task(sender(http)) for _ in range(concurrency)]
-        try:
-            await asyncio.wait_for(asyncio.gather(*senders), max(1.0, deadline - time.monotonic()))
-            while pollers:
-                await asyncio.wait_for(asyncio.gather(*list(pollers)),
-                                       max(1.0, deadline - time.monotonic()))
-            timed_out = False
-        except asyncio.TimeoutError:
-            timed_out = True
-        finally:
-            for task in [*senders, *pollers]:
-                task.cancel()
-        seconds = time.perf_counter() - started
-    post_span = marks.get("last_post", 0) - marks.get("first_post", 0)
-    return {**counts, "timed_out": timed_out, "seconds": round(seconds, 3),
-            "ack_per_s": round(counts["acknowledged"] / seconds, 1) if seconds else None,
-            "post_span_s": round(post_span, 3),
-            "post_per_s": round((counts["posts"] - 1) / post_span, 1) if post_span > 0 else None}
-
-
 def run_raw(url: str, messages: list[OutboundMessage], args: argparse.Namespace) -> dict:
     token = sessions.login(url, USER["user_id"], USER["passcode"]).token
     load_start = loadavg()
     before = resource.getrusage(resource.RUSAGE_SELF)
-    result = asyncio.run(raw_load(url, token, messages, args.concurrency, args.timeout))
+    result = asyncio.run(raw_load(url, token, messages, args.concurrency, None, args.timeout))
     after = resource.getrusage(resource.RUSAGE_SELF)
     user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
     acked = result["acknowledged"]
+    result["ack_per_s"] = result.pop("per_s")
     return {**result, "messages": len(messages),
             "polls_per_ack": round(result["polls"] / acked, 3) if acked else None,
             "cpu_user_s": round(user, 3), "cpu_system_s": round(system, 3),

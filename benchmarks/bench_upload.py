@@ -238,6 +238,7 @@ async def raw_load(url: str, token: str, messages: list[OutboundMessage], concur
     pollers: set[asyncio.Task] = set()
     queue = iter(messages)
     deadline = time.monotonic() + timeout
+    marks: dict[str, float] = {}   # the times of the first and the last POST
 
     def headers() -> dict[str, str]:
         return {**base, "NHSD-Request-ID": str(uuid.uuid4()).upper()}
@@ -263,6 +264,8 @@ async def raw_load(url: str, token: str, messages: list[OutboundMessage], concur
                 if pacer:
                     await pacer.acquire()
                 counts["posts"] += 1
+                marks.setdefault("first_post", time.perf_counter())
+                marks["last_post"] = time.perf_counter()
                 post_headers = {**headers(), "SOAPAction": SOAP_ACTION,
                                 "Content-Type": message.content_type}
                 async with http.post(f"{url}/clinical", data=message.body,
@@ -298,8 +301,11 @@ async def raw_load(url: str, token: str, messages: list[OutboundMessage], concur
             for task in [*senders, *pollers]:
                 task.cancel()
         seconds = time.perf_counter() - started
+    post_span = marks.get("last_post", 0.0) - marks.get("first_post", 0.0)
     return {**counts, "timed_out": timed_out, "seconds": round(seconds, 3),
-            "per_s": round(counts["acknowledged"] / seconds, 1) if seconds else None}
+            "per_s": round(counts["acknowledged"] / seconds, 1) if seconds else None,
+            "post_span_s": round(post_span, 3),
+            "post_per_s": round((counts["posts"] - 1) / post_span, 1) if post_span > 0 else None}
 
 
 def run_raw(url: str, messages: list[OutboundMessage], args: argparse.Namespace) -> dict:
