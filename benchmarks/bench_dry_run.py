@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -132,21 +133,28 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds; the best is kept")
     parser.add_argument("--keep", type=Path, help="write practices here and reuse them between runs")
     args = parser.parse_args()
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        results = [measure(n, args.repeat, args.keep) for n in args.patients]
+    print_sizes("dry_run", args.keep, args.patients,
+                lambda patients, work: measure(patients, args.repeat, work))
+
+
+def print_sizes(benchmark: str, keep: Path | None, sizes: list[int],
+                measure_one: Callable[[int, Path], dict]) -> None:
+    """Measure each practice size in ``keep`` (practices written there are reused) or in a
+    temporary folder, and print the JSON report with the machine's load."""
+    if keep:
+        keep.mkdir(parents=True, exist_ok=True)
+        results = [measure_one(n, keep) for n in sizes]
     else:
-        with tempfile.TemporaryDirectory(prefix="bench-dry-run-",
+        with tempfile.TemporaryDirectory(prefix=f"bench-{benchmark.replace('_', '-')}-",
                                          dir=os.environ.get("BENCH_DIR")) as work:
-            results = [measure(n, args.repeat, Path(work)) for n in args.patients]
+            results = [measure_one(n, Path(work)) for n in sizes]
     print(json.dumps({
-        "benchmark": "dry_run",
+        "benchmark": benchmark,
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_average": [round(x, 2) for x in os.getloadavg()]},
         "results": results,
     }, indent=2))
-
 
 if __name__ == "__main__":
     main()

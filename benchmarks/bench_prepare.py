@@ -17,16 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date, datetime, timezone
+from datetime import date
 from pathlib import Path
 
-from bench_dry_run import practice
+from bench_dry_run import practice, print_sizes
 
 from scr_nb.extract.eligibility import Policy
 from scr_nb.extract.prepared import build
@@ -88,21 +87,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.today, args.by_rows)))
         return
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        results = [measure(n, args.keep, args.rows_at) for n in args.patients]
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-prepare-",
-                                         dir=os.environ.get("BENCH_DIR")) as work:
-            results = [measure(n, Path(work), args.rows_at) for n in args.patients]
-    print(json.dumps({
-        "benchmark": "prepare",
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average": [round(x, 2) for x in os.getloadavg()]},
-        "results": results,
-    }, indent=2))
-
+    print_sizes("prepare", args.keep, args.patients,
+                lambda patients, work: measure(patients, work, args.rows_at))
 
 if __name__ == "__main__":
     main()
