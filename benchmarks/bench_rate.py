@@ -36,7 +36,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from scr_nb.sim.synth import write_practice
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_upload import serving  # noqa: E402  (benchmarks/ is not a package)
+
+from scr_nb.sim.synth import write_practice  # noqa: E402
 
 HOST = "127.0.0.1"
 SEED = 20240611
@@ -62,12 +65,6 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def simulator(workdir: Path, name: str, switches: list[str],
               start_timeout: float = 20.0) -> Iterator[str]:
@@ -77,42 +74,8 @@ def simulator(workdir: Path, name: str, switches: list[str],
     users.write_text(json.dumps([USER]), encoding="utf-8")
     with serving(workdir, f"{name}-sim", lambda port: [
             *KIT, "spine-sim", "--host", HOST, "--port", str(port), "--users", str(users),
-            "--seed", str(SEED), *switches], start_timeout) as url:
+            "--seed", str(SEED), *switches], start_timeout) as (url, _):
         yield url
-
-
-@contextmanager
-def serving(workdir: Path, name: str, command, start_timeout: float = 20.0) -> Iterator[str]:
-    """The server ``command(port)`` starts, on a free loopback port: its base URL; always stopped
-    on the way out."""
-    port = free_port()
-    log = open(workdir / f"{name}.log", "wb")
-    proc = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}: "
-                                   f"{(workdir / f'{name}.log').read_text()[-2000:]}")
-            try:
-                socket.create_connection((HOST, port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} did not listen on {HOST}:{port} within "
-                                       f"{start_timeout:.0f} s") from None
-                time.sleep(0.05)
-        yield f"http://{HOST}:{port}"
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        log.close()
 
 
 def admin(url: str, what: str) -> dict:
@@ -183,7 +146,7 @@ def scenario(name: str, practice: Path, workdir: Path, sim_switches: list[str],
         with (serving(workdir, f"{name}-lean", lambda port: [
                 sys.executable, str(Path(__file__).with_name("lean_spine.py")), "--port",
                 str(port), "--latency-ms", f"{lean_latency_ms:g}"])
-              if lean_latency_ms else nullcontext(sim_url)) as url:
+              if lean_latency_ms else nullcontext((sim_url, None))) as (url, _):
             kit = upload(url, practice, workdir, name, kit_options, timeout, identity=sim_url)
             traffic, stats = admin(url, "traffic"), admin(url, "stats")
     limited = stats["transient_faults_injected"].get("429", 0)

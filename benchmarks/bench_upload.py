@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -93,31 +94,42 @@ def free_port() -> int:
 def simulator(workdir: Path, name: str, users_file: Path, args: argparse.Namespace,
               start_timeout: float = 20.0) -> Iterator[Simulator]:
     """A ``scr-nb spine-sim`` process on a free loopback port; always stopped on the way out."""
-    port = free_port()
-    command = [sys.executable, "-m", "scr_nb.ui.cli", "spine-sim", "--host", HOST, "--port", str(port),
-               "--users", str(users_file), "--poll-retry-after-ms", str(args.poll_retry_after_ms)]
+    switches = ["--users", str(users_file), "--poll-retry-after-ms", str(args.poll_retry_after_ms)]
     if args.latency_ms:
-        command += ["--latency-ms", str(args.latency_ms)]
+        switches += ["--latency-ms", str(args.latency_ms)]
     if args.rate_limit and args.limit_at in ("both", "spine"):
-        command += ["--rate-limit", str(args.rate_limit)]
+        switches += ["--rate-limit", str(args.rate_limit)]
+    with serving(workdir, name, lambda port: [
+            sys.executable, "-m", "scr_nb.ui.cli", "spine-sim", "--host", HOST, "--port",
+            str(port), *switches], start_timeout) as (url, pid):
+        yield Simulator(url, pid)
+
+
+@contextmanager
+def serving(workdir: Path, name: str, command: Callable[[int], list[str]],
+            start_timeout: float = 20.0) -> Iterator[tuple[str, int]]:
+    """The server ``command(port)`` starts on a free loopback port, its output in
+    ``workdir/<name>.log``: (its base URL, its pid) once it listens; always stopped on the way
+    out."""
+    port = free_port()
     output = open(workdir / f"{name}.log", "wb")
-    proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(command(port), stdout=output, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + start_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"the simulator exited with {proc.returncode}: "
+                raise RuntimeError(f"{name} exited with {proc.returncode}: "
                                    f"{(workdir / f'{name}.log').read_text(errors='replace')[-2000:]}")
             try:
                 socket.create_connection((HOST, port), timeout=0.5).close()
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the simulator did not listen on {HOST}:{port} within "
+                    raise RuntimeError(f"{name} did not listen on {HOST}:{port} within "
                                        f"{start_timeout:.0f} s") from None
                 time.sleep(0.05)
-        yield Simulator(f"http://{HOST}:{port}", proc.pid)
+        yield f"http://{HOST}:{port}", proc.pid
     finally:
         if proc.poll() is None:
             proc.terminate()
