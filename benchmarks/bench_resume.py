@@ -6,7 +6,9 @@ spine-sim`` on a free loopback port), ``scr-nb login``, ``scr-nb upload run`` ov
 practice, stopped with ``scr-nb stop`` once it has had ``--first`` acknowledgements, then ``scr-nb
 upload resume``. The first POST is seen at the simulator: its ``/_admin/stats`` ``requests``
 (POSTs to /clinical) is read every few milliseconds from the moment Resume is launched. Once seen,
-the Resume is stopped too. The Run's and Resume's peak RSS come from ``os.wait4``.
+the Resume is stopped too. The Run's and Resume's peak RSS come from ``os.wait4``. Before Resume
+is launched the file system is synced (``os.sync``): a Resume comes long after its Run, whose last
+writes are on disk by then rather than queued for the Resume's first durable commit.
 
     .venv/bin/python benchmarks/bench_resume.py --patients 200000
     .venv/bin/python benchmarks/bench_resume.py --practice /tmp/bench1m    # an extract written before
@@ -103,6 +105,9 @@ def main() -> int:
             report["run"] = {"launch_to_first_post_s": round(first_post, 2) if first_post else None,
                              "until_stopped_s": round(time.monotonic() - started, 1), **reap(run)}
 
+            # A Resume comes long after its Run: the Run's last writes (the extract index is written
+            # without fsync) are on disk by then, not still queued for the Resume's first commit.
+            os.sync()
             before = posts(spine.url)
             started = time.monotonic()
             resume = upload("resume", practice, store, spine.url, session, workdir)
