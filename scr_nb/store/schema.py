@@ -11,6 +11,7 @@ import sqlite3
 from pathlib import Path
 
 from scr_nb.errors import StoreError
+from scr_nb.private_files import create_private
 
 SCHEMA_VERSION = "5"
 # What a read may raise while the job that creates a store is still writing its tables.
@@ -120,14 +121,6 @@ MIGRATIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _create_private(path: Path) -> None:
-    """Create the database file readable by its owner only: it holds patient data."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    os.chmod(path, 0o600)
-
-
 def _schema_version(db: sqlite3.Connection) -> str | None:
     try:
         row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
@@ -164,7 +157,7 @@ def _migrate(db: sqlite3.Connection, version: str) -> str:
 
 def open_writable(path: Path) -> sqlite3.Connection:
     """Open (creating it, mode 0600) a store for the one job that writes to it."""
-    _create_private(path)
+    create_private(path)   # it holds patient data: the owner's alone
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
