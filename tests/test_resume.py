@@ -53,3 +53,21 @@ def test_a_changed_file_is_read_again_before_anything_is_sent(tmp_path, spine, a
         store.close()
     assert gone["state"] == "not_required" and gone["reason"] == "not_in_extract"
     assert removed["nhs_number"] not in held(spine)
+
+
+def test_a_resumed_rerun_keeps_skipping_the_acknowledged(tmp_path, spine, admin_session,
+                                                         practice, today):
+    """``rerun --skip-acknowledged`` stopped and resumed: the Resume still sends only the rest."""
+    rest = sorted(eligible_numbers(practice, today))[:40]
+    spine.simulator.config.unknown_nhs_numbers.update(rest)
+    job(tmp_path, admin_session, spine, practice, "run")
+    spine.simulator.config.unknown_nhs_numbers.clear()
+    control = JobControl()
+    stopped = job(tmp_path, admin_session, spine, practice, "rerun", control=control,
+                  concurrency=1, skip_acknowledged=True,
+                  on_progress=lambda p: control.stop() if p.acknowledged >= 5 else None)
+    assert stopped.job.status == "paused"
+    resumed = job(tmp_path, admin_session, spine, practice, "resume")
+    assert resumed.completed
+    assert spine.simulator.stats()["replacements"] == 0   # nobody acknowledged was sent again
+    assert set(held(spine)) == eligible_numbers(practice, today)

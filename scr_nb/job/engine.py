@@ -17,6 +17,7 @@ import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from scr_nb.clock import SystemClock
@@ -31,11 +32,11 @@ from scr_nb.job.schedule import ScheduleError
 from scr_nb.spine.client import SpineClient
 from scr_nb.spine.session import Session
 from scr_nb.spine.tls import CHECK_TIMEOUT, TlsSettings, check_connection
-from scr_nb.store.lock import StoreLock
 from scr_nb.store.extract_index import ExtractIndex, index_path
+from scr_nb.store.lock import StoreLock
 from scr_nb.store.log import PracticeLog
 from scr_nb.store.practice_store import Store
-from scr_nb.store.states import JobStatus
+from scr_nb.store.states import JobStatus, Mode
 
 # A session with less than this left is not started on: the longest one request may take (the
 # Spine client's request timeout), before the clock difference with the Spine is known (SPEC 7).
@@ -74,6 +75,15 @@ class Engine:
                            known=self.store.extract_fingerprint())
         self.dry_run = prepared.summary
         return prepared
+
+    def _chain_rules(self, options: JobOptions, resumed, chain_mode: str) -> JobOptions:
+        """A Resume goes on with the work rule its chain started with: a Rerun begun with
+        ``--skip-acknowledged`` still leaves the acknowledged patients alone when resumed."""
+        first = self.store.job(resumed.chain_id) if resumed is not None else None
+        if chain_mode == Mode.RERUN.value and first is not None and \
+                first.settings.get("skip_acknowledged"):
+            return replace(options, skip_acknowledged=True)
+        return options
 
     @contextmanager
     def _refusals_logged(self, options: JobOptions) -> Iterator[None]:
@@ -168,7 +178,7 @@ class Engine:
             if prepared.read:
                 self.store.sync_patients(decisions(prepared.index, self.policy(options)),
                                          prepared.fingerprint)
-            options = options.for_practice(details)
+            options = self._chain_rules(options.for_practice(details), resumed, chain_mode)
             try:
                 return await self._run_job(options, prepared.index, resumed, chain_mode, group)
             finally:
