@@ -6,6 +6,7 @@ The reasons are tried in the order of ``states.NOT_REQUIRED_REASONS``; the first
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
 
@@ -53,18 +54,25 @@ def patient_key(patient_id: str, row: int, duplicated_ids: set[str]) -> str:
     return patient_id
 
 
+def consent_order(entry: ConsentEntry) -> tuple:
+    """Which consent entry is the latest: a dated one beats an undated one, then the later date,
+    then the later row in the file."""
+    return (entry.recorded_on is not None, entry.recorded_on or date.min, entry.row)
+
+
+def consent_code(entry: ConsentEntry) -> str:
+    """An entry's code, a legacy code mapped to the one it stands for."""
+    return LEGACY_CONSENT.get(entry.code, entry.code)
+
+
 def latest_consent_entry(entries: list[ConsentEntry] | None) -> ConsentEntry | None:
-    """The latest entry wins (by recorded_on, then by position in the file)."""
-    if not entries:
-        return None
-    dated = [e for e in entries if e.recorded_on is not None] or entries
-    return max(dated, key=lambda e: (e.recorded_on or date.min, e.row))
+    return max(entries, key=consent_order) if entries else None
 
 
 def latest_consent(entries: list[ConsentEntry] | None) -> str | None:
     """The latest entry's code, legacy codes mapped."""
     latest = latest_consent_entry(entries)
-    return None if latest is None else LEGACY_CONSENT.get(latest.code, latest.code)
+    return None if latest is None else consent_code(latest)
 
 
 def decide(practice: Practice, policy: Policy) -> list[Decision]:
@@ -135,11 +143,17 @@ def _may_update(patient: Patient, policy: Policy) -> bool:
     return patient.registered_on + timedelta(days=days) < policy.today
 
 
-def summarise(decisions: list[Decision]) -> dict:
+def summarise(decisions: Iterable[Decision]) -> dict:
     """The dry-run figures of ``scr-nb eligibility --json``: every reason listed, in SPEC order."""
-    by_reason = Counter(d.reason for d in decisions if d.reason)
+    return summarise_reasons(d.reason for d in decisions)
+
+
+def summarise_reasons(reasons: Iterable[str | None]) -> dict:
+    """``summarise``'s figures from each row's reason (None: eligible)."""
+    counts = Counter(reasons)
+    eligible = counts.pop(None, 0)
     return {
-        "total": len(decisions),
-        "eligible": sum(1 for d in decisions if d.eligible),
-        "not_required_by_reason": {r: by_reason.get(r, 0) for r in NOT_REQUIRED_REASONS},
+        "total": eligible + sum(counts.values()),
+        "eligible": eligible,
+        "not_required_by_reason": {r: counts.get(r, 0) for r in NOT_REQUIRED_REASONS},
     }

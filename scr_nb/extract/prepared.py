@@ -7,16 +7,15 @@ holds the two together), without the whole practice ever being in memory.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-from scr_nb.constants import LEGACY_CONSENT
 from scr_nb.extract.eligibility import (
-    Policy, final_reason, own_reason, patient_key, with_consent,
+    Policy, consent_code, consent_order, final_reason, own_reason, patient_key,
+    summarise_reasons, with_consent,
 )
 from scr_nb.extract.nhs_number import is_valid
 from scr_nb.extract.reader import (
@@ -25,7 +24,6 @@ from scr_nb.extract.reader import (
 )
 from scr_nb.extract.records import ConsentEntry, Patient
 from scr_nb.store.extract_index import ExtractIndex, IndexWriter
-from scr_nb.store.states import NOT_REQUIRED_REASONS
 
 # A decision as the store keeps it: (key, patient id, NHS number, row, reason or None, dissent).
 StoredDecision = tuple[str, str, str, int, "str | None", bool]
@@ -104,7 +102,7 @@ def _build(root: Path, index_file: str | Path, policy: Policy, stamp: dict,
     try:
         turn = fill(root, policy, writer)
         writer.seal()
-        summary = summarise_stored(decisions(writer, policy))
+        summary = summarise_reasons(d[4] for d in decisions(writer, policy))
     except BaseException:
         writer.abandon()
         raise
@@ -169,19 +167,15 @@ def _latest_consent(entries: Iterable[ConsentEntry]) -> dict[str, ConsentEntry]:
     latest: dict[str, ConsentEntry] = {}
     for entry in entries:
         kept = latest.get(entry.patient_id)
-        if kept is None or _consent_order(entry) > _consent_order(kept):
+        if kept is None or consent_order(entry) > consent_order(kept):
             latest[entry.patient_id] = entry
     return latest
-
-
-def _consent_order(entry: ConsentEntry) -> tuple:
-    return (entry.recorded_on is not None, entry.recorded_on or date.min, entry.row)
 
 
 def _consent(entry: ConsentEntry | None) -> tuple[str | None, date | None]:
     if entry is None:
         return None, None
-    return LEGACY_CONSENT.get(entry.code, entry.code), entry.recorded_on
+    return consent_code(entry), entry.recorded_on
 
 
 def decisions(source: ExtractIndex | IndexWriter, policy: Policy) -> Iterator[StoredDecision]:
@@ -191,17 +185,6 @@ def decisions(source: ExtractIndex | IndexWriter, policy: Policy) -> Iterator[St
         duplicated = pid in duplicated_ids or (bool(valid) and nhs in duplicated_numbers)
         reason, dissent = with_consent(final_reason(own, duplicated), consent, policy)
         yield patient_key(pid, row, duplicated_ids), pid, nhs, row, reason, dissent
-
-
-def summarise_stored(decided: Iterable[StoredDecision]) -> dict:
-    """``eligibility.summarise``'s figures from stored decisions."""
-    by_reason: Counter = Counter()
-    total = 0
-    for _, _, _, _, reason, _ in decided:
-        total += 1
-        by_reason[reason] += 1
-    return {"total": total, "eligible": by_reason.pop(None, 0),
-            "not_required_by_reason": {r: by_reason.get(r, 0) for r in NOT_REQUIRED_REASONS}}
 
 
 __all__ = ["Prepared", "decisions", "fingerprint", "prepare"]
