@@ -4,6 +4,7 @@ throwaway PKI made at test time (trustme) for mutual TLS."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -14,6 +15,8 @@ import trustme
 from scr_nb.sim.spine_sim import ServerTls, SimConfig, SimulatorThread
 from scr_nb.sim.synth import write_practice
 from scr_nb.spine import session as sessions
+
+from tests.pgserver import PostgresServer, PostgresUnavailable
 
 # Third-party reference data (real NHS messages) is never copied into the project: tests that use it
 # find it in ../shared/reference beside the clone and skip, saying why, when it is not there. The
@@ -139,3 +142,26 @@ def practice(synthetic_practice, tmp_path) -> Path:
 @pytest.fixture
 def today() -> date:
     return date.today()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server of this test run alone (127.0.0.1, a free port), started once and
+    stopped, files and all, at the end. When it cannot start the test fails, never skips: the suite
+    promises a real server (scripts/test.sh installs Debian's postgresql when run as root)."""
+    server = PostgresServer()
+    try:
+        server.start()
+    except PostgresUnavailable as err:
+        raise pytest.fail.Exception(f"the throwaway PostgreSQL server could not start: {err}",
+                                    pytrace=False) from None
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server, request) -> Iterator[str]:
+    """The URL of an empty database of this test's own, named after it; dropped afterwards even
+    when a connection to it was left open."""
+    with postgres_server.fresh_database(request.node.name) as url:
+        yield url
