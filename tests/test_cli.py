@@ -262,8 +262,8 @@ def test_break_lock_refuses_a_live_holder_and_frees_a_dead_one(practice, tmp_pat
     store_path = tmp_path / "s.sqlite"
     store = Store(store_path)
     with store.transaction() as db:    # a job whose process died: a pid no process has
-        db.execute("INSERT INTO job_lock (id, user_id, user_name, host, pid, since, heartbeat, "
-                   "token, started, beat) VALUES (1, '555000000009', 'Pat Other', ?, 2147480000, "
+        db.execute("INSERT INTO job_lock (ods, user_id, user_name, host, pid, since, heartbeat, "
+                   "token, started, beat) VALUES ('', '555000000009', 'Pat Other', ?, 2147480000, "
                    "'2026-11-20T19:00:00+00:00', 0, 'gone', NULL, 0)", (socket.gethostname(),))
     store.close()
     assert cli.main(["break-lock", "--store", str(store_path), "--session", str(logged_in)]) == 0

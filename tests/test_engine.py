@@ -369,8 +369,8 @@ def test_a_holder_whose_heartbeat_stopped_on_another_host_is_taken_over(tmp_path
     monkeypatch.setattr(lock, "LAPSE_SECONDS", 1.0)
     store = Store(tmp_path / "practice.sqlite")
     with store.transaction() as db:   # a job on another machine, whose beat no longer moves
-        db.execute("INSERT INTO job_lock (id, user_id, user_name, host, pid, since, heartbeat, "
-                   "token, started, beat) VALUES (1, '555000000009', 'Pat Other', "
+        db.execute("INSERT INTO job_lock (ods, user_id, user_name, host, pid, since, heartbeat, "
+                   "token, started, beat) VALUES ('', '555000000009', 'Pat Other', "
                    "'another-host', 4242, '2026-11-20T19:00:00+00:00', 9e12, 'theirs', "
                    "'boot:1', 17)")
     store.close()

@@ -18,6 +18,7 @@ from scr_nb.errors import RefusedError, StoreError
 from scr_nb.store import lock, queries
 from scr_nb.store.lock import StoreLock, break_lock, process_start, read_holder
 from scr_nb.store.practice_store import Store, read_status
+from scr_nb.store.database import DatabaseError
 from scr_nb.store.schema import SCHEMA_VERSION
 
 NOW = lambda: datetime.now(timezone.utc)  # noqa: E731
@@ -95,7 +96,7 @@ def test_a_reader_beside_the_writer_sees_committed_state_and_cannot_write(store,
     reader = Store(tmp_path / "practice.sqlite", readonly=True)
     try:
         assert reader.status()["counters"]["sending"] == 1
-        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        with pytest.raises(DatabaseError, match="readonly"):
             reader.db.execute("DELETE FROM patients")
     finally:
         reader.close()
@@ -107,17 +108,17 @@ def test_a_reader_beside_the_writer_sees_committed_state_and_cannot_write(store,
 def test_an_older_store_is_walked_up_to_the_current_schema(tmp_path):
     path = tmp_path / "old.sqlite"
     db = sqlite3.connect(path)
-    from scr_nb.store.schema import SCHEMA
-    db.executescript(SCHEMA)
+    from scr_nb.store.schema import SCHEMA_V1
+    db.executescript(SCHEMA_V1)
     db.execute("INSERT INTO meta VALUES ('schema', '1')")
     db.commit()
     db.close()
     assert read_status(path)["counters"]["sent"] == 0       # readers read it as it is
     opened = Store(path)
     try:
-        assert opened.db.execute("SELECT value FROM meta").fetchone()[0] == SCHEMA_VERSION
-        columns = {r[1] for r in opened.db.execute("PRAGMA table_info(job_lock)")}
-        assert {"started", "beat"} <= columns
+        assert opened.db.scalar("SELECT value FROM meta WHERE key = 'schema'") == SCHEMA_VERSION
+        columns = [r[1] for r in opened.db.rows("PRAGMA table_info(job_lock)")]
+        assert columns[0] == "ods" and {"started", "beat"} <= set(columns)
     finally:
         opened.close()
 
@@ -129,8 +130,8 @@ def insert_holder(store: Store, **fields) -> None:
            "pid": 4242, "since": "2026-11-20T19:00:00+00:00", "heartbeat": 0.0,
            "token": "theirs", "started": "boot:1", "beat": 3, **fields}
     with store.transaction() as db:
-        db.execute(f"INSERT INTO job_lock (id, {', '.join(row)}) VALUES "
-                   f"(1, {', '.join('?' * len(row))})", tuple(row.values()))
+        db.execute(f"INSERT INTO job_lock (ods, {', '.join(row)}) VALUES "
+                   f"(?, {', '.join('?' * len(row))})", (store.ods, *row.values()))
 
 
 def test_a_live_holder_is_refused_by_name_and_its_heartbeat_moves(store):
@@ -146,7 +147,7 @@ def test_a_live_holder_is_refused_by_name_and_its_heartbeat_moves(store):
             break_lock(store)
     finally:
         first.release()
-    assert read_holder(store.db) is None
+    assert read_holder(store.db, store.ods) is None
 
 
 def test_a_dead_process_on_this_host_is_taken_over_at_once_even_when_its_pid_lives_again(store):
@@ -184,7 +185,7 @@ def test_another_hosts_holder_is_judged_by_its_beat_not_by_clocks(store, monkeyp
         beater.join()
     # now it stands still: gone after the lapse, and the lock can be broken
     holder = break_lock(store)
-    assert holder.host == "another-host" and read_holder(store.db) is None
+    assert holder.host == "another-host" and read_holder(store.db, store.ods) is None
     with pytest.raises(RefusedError, match="nothing to break"):
         break_lock(store)
 

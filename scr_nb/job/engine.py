@@ -30,6 +30,7 @@ from scr_nb.job.options import JobControl, JobOptions, JobResult, Progress
 from scr_nb.job.pipeline import Pipeline
 from scr_nb.job.schedule import ScheduleError
 from scr_nb.spine.client import SpineClient
+from scr_nb.spine.pacing import SendGate
 from scr_nb.spine.session import Session
 from scr_nb.spine.tls import CHECK_TIMEOUT, TlsSettings, check_connection
 from scr_nb.store.extract_index import ExtractIndex, index_path
@@ -50,8 +51,10 @@ class Engine:
                  *, clock: SystemClock | None = None,
                  client_factory: Callable[..., SpineClient] | None = None,
                  on_progress: Callable[[Progress], None] | None = None,
-                 control: JobControl | None = None, tls: TlsSettings | None = None):
+                 control: JobControl | None = None, tls: TlsSettings | None = None,
+                 gate: SendGate | None = None):
         self.store, self.session, self.spine_url = store, session, spine_url
+        self.gate = gate   # a fleet's one rate limit, waited on before every POST
         self.tls = tls if tls is not None else TlsSettings.from_options()
         self.stop_detail: str | None = None   # the words of a 403 or TLS failure that stopped it
         self.practice_dir = Path(practice_dir)
@@ -59,7 +62,7 @@ class Engine:
         self.client_factory = client_factory or SpineClient
         self.on_progress = on_progress
         self.control = control or JobControl()
-        self.log = PracticeLog(store.path)
+        self.log = PracticeLog(store)
 
     # --- preparing ----------------------------------------------------------------------------
 
@@ -71,7 +74,7 @@ class Engine:
         """The extract and its eligibility decisions, in the store's extract index: read from the
         files only when they (or the eligibility settings) changed since the store was last
         brought in line with them. Writes nothing in the store."""
-        prepared = prepare(self.practice_dir, index_path(self.store.path), self.policy(options),
+        prepared = prepare(self.practice_dir, index_path(self.store.location), self.policy(options),
                            known=self.store.extract_fingerprint())
         self.dry_run = prepared.summary
         return prepared
@@ -155,6 +158,17 @@ class Engine:
             raise outcome["error"]
         return outcome["result"]
 
+    def _check_practice(self, ods_code: str | None) -> None:
+        """The extract and the store must be the same practice's: an SQLite store not yet named
+        takes the extract's ODS code; a store of another practice is refused."""
+        if not ods_code:
+            return
+        self.store.claim(ods_code)
+        if self.store.ods and self.store.ods != ods_code.strip().upper():
+            raise RefusedError(f"the extract is practice {ods_code} (practice.json) but the store "
+                               f"{self.store.label} holds practice {self.store.ods}; nothing was "
+                               "sent")
+
     async def run_async(self, options: JobOptions) -> JobResult:
         self.lock = StoreLock(self.store, self.session.user_id, self.session.name, self.clock.now)
         with self._refusals_logged(options):
@@ -169,6 +183,7 @@ class Engine:
             with self._refusals_logged(options):
                 self._check_schedule(options)
                 details = load_details(self.practice_dir)
+                self._check_practice(details.ods_code)
                 prepared = self.read_extract(options)
                 # The extract's Patient Groups mirror groups.csv: kept before the mode's rules
                 # are read, which change nothing (a refused job leaves the patients as they were).

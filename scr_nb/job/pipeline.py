@@ -20,6 +20,7 @@ from scr_nb.job.watcher import Phase, Step, next_step, sending_allowed, starts_w
 from scr_nb.spine.acks import Ack
 from scr_nb.spine.client import (
     Attempt,
+    Pacer,
     RateLimiter,
     SendHeld,
     Transmission,
@@ -276,6 +277,9 @@ class Pipeline:
         self.report(force=True)
         limiter = RateLimiter(self.options.rate_limit, clock=self.clock.monotonic,
                               sleep=self.clock.sleep) if self.options.rate_limit else None
+        if self.engine.gate is not None:   # a fleet's one rate limit, over this practice's own
+            limiter = limiter or Pacer(clock=self.clock.monotonic, sleep=self.clock.sleep)
+            limiter.gate = self.engine.gate
         client = self.engine.client_factory(
             self.engine.spine_url, self.engine.session, asid=self.options.sender_asid,
             rate_limiter=limiter, concurrency=self.options.concurrency,

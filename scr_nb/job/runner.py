@@ -12,6 +12,7 @@ from scr_nb.errors import ExtractError, OptionError, RefusedError
 from scr_nb.job.engine import Engine
 from scr_nb.job.options import JobControl, JobOptions, Progress
 from scr_nb.spine import session as sessions
+from scr_nb.spine.pacing import SendGate
 from scr_nb.spine.tls import TlsSettings, check_url
 from scr_nb.store.practice_store import Store
 from scr_nb.store.states import StopReason
@@ -44,13 +45,16 @@ def next_modes(use_mode: str | None) -> str:
     return " Next: " + " or ".join(f"scr-nb upload {m} ..." for m in use_mode.split(" or "))
 
 
-def run_upload(practice: str | Path, store_path: str | Path, spine: str,
-               session_path: str | Path, options: JobOptions, *,
+def run_upload(practice: str | Path, store: str | Path, spine: str,
+               session_path: str | Path, options: JobOptions, *, ods: str | None = None,
+               gate: SendGate | None = None,
                on_progress: Callable[[Progress], None] | None = None,
                control: JobControl | None = None, tls: TlsSettings | None = None) -> Outcome:
-    """Run one job; refusals and stops come back as an Outcome, never as an exception. ``tls``
-    defaults to the environment's settings (SCR_NB_CA_BUNDLE, SCR_NB_CLIENT_CERT,
-    SCR_NB_CLIENT_KEY); a setting or Spine URL that cannot be used is exit 2, before anything."""
+    """Run one job; refusals and stops come back as an Outcome, never as an exception. ``store``
+    is an SQLite file or a PostgreSQL URL, with the practice's ODS code in ``ods`` (SPEC 10).
+    ``gate``, a fleet's one rate limit, is waited on before every POST. ``tls`` defaults to the
+    environment's settings (SCR_NB_CA_BUNDLE, SCR_NB_CLIENT_CERT, SCR_NB_CLIENT_KEY); a setting or
+    Spine URL that cannot be used is exit 2, before anything."""
     mode = options.mode.value
     tls = tls if tls is not None else TlsSettings.from_options()
     try:
@@ -62,16 +66,16 @@ def run_upload(practice: str | Path, store_path: str | Path, spine: str,
         session = sessions.load(session_path)
     except RefusedError as err:
         return Outcome(EXIT_REFUSED, f"upload {mode} refused: {err}")
-    store = Store(store_path)
+    opened = Store(store, ods)
     try:
-        engine = Engine(store, session, spine, practice, on_progress=on_progress,
-                        control=control, tls=tls)
+        engine = Engine(opened, session, spine, practice, on_progress=on_progress,
+                        control=control, tls=tls, gate=gate)
         result = engine.run(options)
     except (RefusedError, ExtractError) as err:
         return Outcome(EXIT_REFUSED, f"upload {mode} refused: {err}"
                        + next_modes(getattr(err, "use_mode", None)))
     finally:
-        store.close()
+        opened.close()
     job = result.job.to_json()
     if result.completed:
         return Outcome(EXIT_OK, f"upload {mode} completed: every patient in scope is "

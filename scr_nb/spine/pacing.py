@@ -39,6 +39,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 DECREASE = 0.9          # a 429 takes the pace to this much of the rate that drew it (CUBIC's beta)
 RECOVERY_S = 5.0        # seconds the pace takes to climb back to the rate that drew the last 429
@@ -47,6 +48,13 @@ WINDOW_S = 1.0          # the rate the kit sends at is measured over the last se
 SHORTEST_SPAN_S = 0.01  # ... and never over less than this, so a few sends in a row are no infinity
 LIMIT_MARGIN = 0.01     # a practice's rate limit is kept this fraction under: 10 ms of every second
 TOLERATED = 100         # a lone 429 to this many requests in a row slows nothing; a second does
+
+
+class SendGate(Protocol):
+    """A rate limit shared with other jobs (a fleet's, SPEC 12): ``take`` returns when one more
+    POST may go, whichever process or machine sends it."""
+
+    async def take(self) -> None: ...
 
 
 class Pacer:
@@ -74,6 +82,7 @@ class Pacer:
         self._refused: deque[float] = deque(maxlen=TOLERATED)   # when those that drew 429 went
         self._epoch = 0                         # bumped when a 429 changes the pace or the hold
         self.paces_polls = False                # set by the first 429 to a poll
+        self.gate: SendGate | None = None       # a fleet's one limit, over every POST
 
     def pace(self, now: float | None = None) -> float | None:
         """The pace in requests a second at ``now``; None while nothing limits the kit."""
@@ -83,7 +92,7 @@ class Pacer:
         rate = self._peak * (1.0 + CUBIC * (now - self._decreased_at - RECOVERY_S) ** 3)
         return rate if self.ceiling is None else min(rate, self.ceiling)
 
-    async def acquire(self) -> float:
+    async def acquire(self, post: bool = True) -> float:
         """Wait for this send's slot; returns the time it goes, which the caller hands back to
         ``limited`` if the send draws a 429. A caller whose slot a 429 moved while it waited (a
         lower pace, a Retry-After) takes a new one. Slots are taken ahead on an even grid, so a
@@ -98,6 +107,8 @@ class Pacer:
                 await self.sleep(slot - now)
                 if epoch != self._epoch:
                     continue
+            if post and self.gate is not None:
+                await self.gate.take()
             sent = self.clock()
             self._record(sent)
             return sent
@@ -106,7 +117,7 @@ class Pacer:
         """Wait until a poll may go, and return its time: a slot once the Spine has answered a
         poll with 429, else as soon as the last Retry-After has passed."""
         if self.paces_polls:
-            return await self.acquire()
+            return await self.acquire(post=False)
         while (wait := self._hold_until - self.clock()) > 0:
             await self.sleep(wait)
         return self.clock()

@@ -14,6 +14,7 @@ did; reads outside a transaction see the latest commit.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -100,6 +101,23 @@ def practice_url(url: str, ods: str) -> str:
     """The one string naming practice ``ods`` of the PostgreSQL store at ``url``."""
     base, _ = _without_ods(url)
     return f"{base}{'&' if '?' in base else '?'}ods={ods}"
+
+
+_ODS_DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def practice_lock_key(ods: str) -> int:
+    """The PostgreSQL advisory lock key of a practice's job (a signed 64-bit number). An ODS code
+    of up to twelve letters and digits is read as a number in base 37, so no two codes share a
+    key; any other code is hashed."""
+    code = ods.upper()
+    if 0 < len(code) <= 12 and all(c in _ODS_DIGITS for c in code):
+        key = 0
+        for c in code:
+            key = key * 37 + _ODS_DIGITS.index(c) + 1
+        return key   # below 37**12 < 2**63
+    digest = hashlib.blake2b(code.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def redact(url: str) -> str:
@@ -233,4 +251,5 @@ def _reason(err: DBAPIError) -> str:
     return str(getattr(err, "orig", err)).strip().splitlines()[0] if str(err) else type(err).__name__
 
 
-__all__ = ["Database", "DatabaseError", "Location", "is_database_url", "practice_url", "redact"]
+__all__ = ["Database", "DatabaseError", "Location", "is_database_url", "practice_lock_key",
+           "practice_url", "redact"]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from scr_nb.extract.records import Allergy, Medication, Patient
 from scr_nb.private_files import create_private
+from scr_nb.store.database import Location
 
 INDEX_VERSION = "3"
 # What a query picks rows by is a column; the rest of a row, read only to rebuild its record, is
@@ -51,9 +52,14 @@ CREATE INDEX allergies_patient ON allergies (patient_id);
 _CHUNK = 900
 
 
-def index_path(store_path: str | Path) -> Path:
-    """Where a store's extract index lives: beside it, named after it."""
-    store_path = Path(store_path)
+def index_path(store: str | Path | Location) -> Path:
+    """Where a store's extract index lives: beside an SQLite store, named after it; for a practice
+    of a PostgreSQL store, in this machine's cache (a worker without one builds it again)."""
+    if isinstance(store, Location):
+        path = store.sibling(".extract")
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return path
+    store_path = Path(store)
     return store_path.with_name(store_path.name + ".extract")
 
 

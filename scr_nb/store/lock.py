@@ -1,6 +1,9 @@
-"""One job per practice store (SPEC 8): a lock row in the store, kept alive by a heartbeat.
+"""One job per practice (SPEC 8): a lock row in the store naming its holder, and, in a PostgreSQL
+store, an advisory lock held on the job's own connection.
 
-A second start is refused naming who holds the store. A holder that died is replaced safely:
+A second start is refused naming who holds the practice. In PostgreSQL the advisory lock decides:
+it goes with its holder's connection, however the holder died, on whichever machine. In an SQLite
+file the row is kept alive by a heartbeat, and a holder that died is replaced safely:
 - on this host, at once when its process is gone, found by pid and process start time, so a pid
   the system has given to another process since does not keep a dead job's lock for ever;
 - from another host (or another job of this very process), when its heartbeat stops. The heartbeat
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import threading
 import time
 import uuid
@@ -23,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from scr_nb.errors import RefusedError
+from scr_nb.store.database import Database, practice_lock_key
 from scr_nb.store.practice_store import Store
 
 HEARTBEAT_SECONDS = 2.0     # how often a holder bumps its beat
@@ -77,18 +80,18 @@ def _pid_alive(pid: int) -> bool:
 _COLUMNS = "user_id, user_name, host, pid, since, started, beat, token"
 
 
-def read_holder(db: sqlite3.Connection) -> Holder | None:
-    row = db.execute(f"SELECT {_COLUMNS} FROM job_lock WHERE id = 1").fetchone()
+def read_holder(db: Database, ods: str) -> Holder | None:
+    row = db.execute(f"SELECT {_COLUMNS} FROM job_lock WHERE ods = ?", (ods,)).first()
     return Holder(*row) if row else None
 
 
 class _Judge:
     """Whether a holder is gone, as seen from this process."""
 
-    def __init__(self, db: sqlite3.Connection, lapse: float,
+    def __init__(self, store: Store, lapse: float,
                  monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
-        self.db, self.lapse, self.monotonic, self.sleep = db, lapse, monotonic, sleep
+        self.store, self.lapse, self.monotonic, self.sleep = store, lapse, monotonic, sleep
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.started = process_start(self.pid)
 
@@ -112,39 +115,43 @@ class _Judge:
         deadline = self.monotonic() + self.lapse
         while self.monotonic() < deadline:
             self.sleep(WATCH_SECONDS)
-            now = read_holder(self.db)
+            now = read_holder(self.store.db, self.store.ods)
             if now is None or now.token != holder.token or now.beat != holder.beat:
                 return True
         return False
 
     def gone(self, holder: Holder) -> bool:
+        if self.store.location.is_postgres:
+            return not self.store.lock_taken()   # the advisory lock lives with its holder
         verdict = self.gone_from_this_host(holder)
         return verdict if verdict is not None else not self.beating(holder)
 
 
 class StoreLock:
-    """The lock of one job. Its heartbeat runs on a thread of its own with its own connection, from
-    the moment the lock is taken, so a long extract load or a busy event loop never lets it lapse."""
+    """The lock of one job. In SQLite its heartbeat runs on a thread of its own with its own
+    connection, from the moment the lock is taken, so a long extract load or a busy event loop
+    never lets it lapse. In PostgreSQL the job's own connection holds the advisory lock."""
 
     def __init__(self, store: Store, user_id: str, user_name: str, now: Callable[[], datetime],
                  lapse: float | None = None):
         self.store, self.user_id, self.user_name = store, user_id, user_name
         self.now = now
-        self.judge = _Judge(store.db, LAPSE_SECONDS if lapse is None else lapse)
+        self.judge = _Judge(store, LAPSE_SECONDS if lapse is None else lapse)
         self.token = uuid.uuid4().hex   # tells two jobs of one process apart
         self.lost = False               # set when another job took the lock from under us
         self._stop = threading.Event()
         self._beater: threading.Thread | None = None
+        self._advisory: int | None = None   # the PostgreSQL advisory lock held, by key
 
     def acquire(self) -> Holder | None:
         """Take the lock and start the heartbeat; returns the holder taken over from (a crashed
         job), or None. Raises RefusedError when another live job holds the store."""
+        if self.store.location.is_postgres:
+            return self._acquire_advisory()
         while True:
-            holder = read_holder(self.store.db)
+            holder = read_holder(self.store.db, self.store.ods)
             if holder is not None and holder.token != self.token and not self.judge.gone(holder):
-                raise RefusedError(f"another upload is running on this store: "
-                                   f"{holder.describe()}. Wait for it to end, or stop it; "
-                                   "nothing was sent.")
+                raise _refusal(holder)
             if self._take(holder):
                 break
         self._beater = threading.Thread(target=self._beat_until_released, daemon=True,
@@ -152,26 +159,43 @@ class StoreLock:
         self._beater.start()
         return holder if holder is not None and holder.token != self.token else None
 
+    def _acquire_advisory(self) -> Holder | None:
+        """PostgreSQL: the practice's advisory lock, taken on the job's own connection without
+        waiting; then our row, replacing the row of a holder whose connection is gone."""
+        key = practice_lock_key(self.store.ods)
+        if not self.store.db.scalar("SELECT pg_try_advisory_lock(?)", (key,)):
+            holder = read_holder(self.store.db, self.store.ods)
+            raise _refusal(holder) if holder is not None else RefusedError(
+                f"another upload is starting on practice {self.store.ods}; nothing was sent.")
+        self._advisory = key
+        previous = read_holder(self.store.db, self.store.ods)
+        self._take(previous)
+        return previous
+
     def _take(self, judged: Holder | None) -> bool:
         """Write our row if the lock is still as it was judged (else judge again)."""
         stamp = self.now()
         since = stamp.astimezone(timezone.utc).isoformat(timespec="seconds")
         with self.store.transaction() as db:
-            if read_holder(db) != judged:
+            if read_holder(db, self.store.ods) != judged:
                 return False
-            db.execute("INSERT OR REPLACE INTO job_lock (id, user_id, user_name, host, pid, since, "
-                       "heartbeat, token, started, beat) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
-                       (self.user_id, self.user_name, self.judge.host, self.judge.pid, since,
-                        stamp.timestamp(), self.token, self.judge.started))
+            db.execute("DELETE FROM job_lock WHERE ods = ?", (self.store.ods,))
+            db.execute("INSERT INTO job_lock (ods, user_id, user_name, host, pid, since, "
+                       "heartbeat, token, started, beat) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                       (self.store.ods, self.user_id, self.user_name, self.judge.host,
+                        self.judge.pid, since, stamp.timestamp(), self.token, self.judge.started))
         return True
 
     def _beat_until_released(self) -> None:
-        db = sqlite3.connect(self.store.path, timeout=30, isolation_level=None)
+        if self.store.location.is_postgres:
+            return   # the advisory lock needs no heartbeat: it lives as long as its connection
+        db = Database(self.store.location)
         try:
             while not self._stop.wait(HEARTBEAT_SECONDS):
                 changed = db.execute("UPDATE job_lock SET beat = beat + 1, heartbeat = ? "
-                                     "WHERE token = ?",
-                                     (self.now().timestamp(), self.token)).rowcount
+                                     "WHERE ods = ? AND token = ?",
+                                     (self.now().timestamp(), self.store.ods,
+                                      self.token)).rowcount
                 if not changed:
                     self.lost = True
                     return
@@ -183,22 +207,31 @@ class StoreLock:
         if self._beater is not None:
             self._beater.join(timeout=HEARTBEAT_SECONDS + 5)
         with self.store.transaction() as db:
-            db.execute("DELETE FROM job_lock WHERE token = ?", (self.token,))
+            db.execute("DELETE FROM job_lock WHERE ods = ? AND token = ?",
+                       (self.store.ods, self.token))
+        if self._advisory is not None:
+            self.store.db.scalar("SELECT pg_advisory_unlock(?)", (self._advisory,))
+            self._advisory = None
 
 
 def break_lock(store: Store, lapse: float | None = None) -> Holder:
     """Remove the lock of a holder that is gone, and return it. Refused (RefusedError) while the
     holder lives, and when nobody holds the store."""
-    judge = _Judge(store.db, LAPSE_SECONDS if lapse is None else lapse)
-    holder = read_holder(store.db)
+    judge = _Judge(store, LAPSE_SECONDS if lapse is None else lapse)
+    holder = read_holder(store.db, store.ods)
     if holder is None:
         raise RefusedError("nobody holds this store's lock: there is nothing to break.")
     if not judge.gone(holder):
         raise RefusedError(f"the lock's holder is alive: {holder.describe()}. Stop its job "
                            "instead (scr-nb stop), or wait for it to end.")
     with store.transaction() as db:
-        db.execute("DELETE FROM job_lock WHERE token = ?", (holder.token,))
+        db.execute("DELETE FROM job_lock WHERE ods = ? AND token = ?", (store.ods, holder.token))
     return holder
+
+
+def _refusal(holder: Holder) -> RefusedError:
+    return RefusedError(f"another upload is running on this store: {holder.describe()}. Wait "
+                        "for it to end, or stop it; nothing was sent.")
 
 
 __all__ = ["HEARTBEAT_SECONDS", "LAPSE_SECONDS", "Holder", "StoreLock", "break_lock",

@@ -199,6 +199,27 @@ class _Bar:
             self.bar.close()
 
 
+def _store_ods(args: argparse.Namespace) -> str | None:
+    """The practice of ``--store``: ``--ods``; for a PostgreSQL store without it, practice.json's
+    ODS code when the command reads an extract."""
+    from scr_nb.store.database import is_database_url
+
+    if args.ods or not is_database_url(args.store) or not getattr(args, "practice", None):
+        return args.ods
+    from scr_nb.extract.reader import load_details
+    return load_details(args.practice).ods_code
+
+
+def _no_store(args: argparse.Namespace) -> str | None:
+    """Why ``--store`` names no store: a file that does not exist (a PostgreSQL store's practice
+    is checked when it is opened)."""
+    from scr_nb.store.database import is_database_url
+
+    if is_database_url(args.store) or Path(args.store).exists():
+        return None
+    return f"{args.store}: no such store"
+
+
 def cmd_upload(args: argparse.Namespace) -> int:
     """Run one upload job in the foreground with a progress bar.
 
@@ -225,7 +246,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
                     for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         outcome = run_upload(args.practice, args.store, args.spine, args.session, options,
-                             on_progress=bar, control=control, tls=args.tls)
+                             ods=_store_ods(args), on_progress=bar, control=control,
+                             tls=args.tls)
     finally:
         bar.close()
         for signum, handler in previous.items():   # the caller's handlers back (tests, notebooks)
@@ -248,13 +270,18 @@ def cmd_scheduled(args: argparse.Namespace) -> int:
     Example: scr-nb scheduled --practice practice/ --store practice.sqlite \\
                  --spine http://127.0.0.1:8900 --session session.json --mode run --stop-at 2026-11-23T07:00
     """
+    from scr_nb.store.database import is_database_url, practice_url
     from scr_nb.ui.scheduled import run_scheduled
 
     def absolute(path: str | None) -> str | None:   # the kernel's working directory may differ
         return str(Path(path).resolve()) if path else None
 
+    store = absolute(args.store)
+    if is_database_url(args.store):   # one string names the practice's store (?ods=)
+        ods = _store_ods(args)
+        store = practice_url(args.store, ods) if ods else args.store
     parameters = {
-        "practice": absolute(args.practice), "store": absolute(args.store), "spine": args.spine,
+        "practice": absolute(args.practice), "store": store, "spine": args.spine,
         "session": absolute(args.session), "mode": args.mode, "group": args.group,
         "start_at": args.start_at, "stop_at": args.stop_at, "pause_at": args.pause_at,
         "resume_at": args.resume_at, "rate_limit": args.rate_limit,
@@ -279,10 +306,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     """
     from scr_nb.reporting.html_report import write_report
 
-    if not Path(args.store).exists():
-        print(f"scr-nb report: {args.store}: no such store", file=sys.stderr)
+    if problem := _no_store(args):
+        print(f"scr-nb report: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    path = write_report(args.store, args.out, show_nhs=args.show_nhs_numbers)
+    path = write_report(args.store, args.out, show_nhs=args.show_nhs_numbers, ods=args.ods)
     print(f"Report: {path}")
     return EXIT_OK
 
@@ -331,13 +358,13 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from scr_nb.store.practice_store import Store
     from scr_nb.store.words import job_words
 
-    if not Path(args.store).exists():
-        print(f"scr-nb stop: {args.store}: no such store, so no upload is running on it: nothing "
-              "to stop.", file=sys.stderr)
+    if problem := _no_store(args):
+        print(f"scr-nb stop: {problem}, so no upload is running on it: nothing to stop.",
+              file=sys.stderr)
         return EXIT_REFUSED
     request = "cancel" if args.cancel else "close" if args.close else "stop"
     user_id, user_name = _who(args)
-    store = Store(args.store)
+    store = Store(args.store, args.ods)
     try:
         job = store.running_job()
         if job is None:
@@ -371,16 +398,16 @@ def cmd_break_lock(args: argparse.Namespace) -> int:
     from scr_nb.store.log import PracticeLog
     from scr_nb.store.practice_store import Store
 
-    if not Path(args.store).exists():
-        print(f"scr-nb break-lock: {args.store}: no such store", file=sys.stderr)
+    if problem := _no_store(args):
+        print(f"scr-nb break-lock: {problem}", file=sys.stderr)
         return EXIT_USAGE
     user_id, user_name = _who(args)
-    store = Store(args.store)
+    store = Store(args.store, args.ods)
     try:
         holder = break_lock(store)
     finally:
         store.close()
-    PracticeLog(args.store).write("lock_broken", user_id=user_id, user_name=user_name,
+    PracticeLog(args.store, args.ods).write("lock_broken", user_id=user_id, user_name=user_name,
                                   previous_holder=holder.describe())
     print(f"Lock of {holder.describe()} removed.")
     return EXIT_OK
@@ -395,10 +422,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     """
     from scr_nb.store.practice_store import read_status
 
-    if not Path(args.store).exists():
-        print(f"scr-nb status: {args.store}: no such store", file=sys.stderr)
+    if problem := _no_store(args):
+        print(f"scr-nb status: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    status = read_status(args.store)
+    status = read_status(args.store, args.ods)
     if args.json:
         _print_json(status)
     else:
@@ -419,7 +446,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     """
     from scr_nb.store.log import PracticeLog
 
-    for record in PracticeLog(args.store).read():
+    for record in PracticeLog(args.store, args.ods).read():
         if args.json:
             print(json.dumps(record, ensure_ascii=False, default=str))
         else:
@@ -494,7 +521,7 @@ def build_parser(parsing: str | None = None) -> argparse.ArgumentParser:
     p = command("upload", cmd_upload, "run an upload job")
     p.add_argument("mode", choices=[m.value for m in Mode])
     p.add_argument("--practice", **practice)
-    p.add_argument("--store", required=True, help="the practice's store (SQLite file)")
+    p.add_argument("--store", required=True, help="the practice's store: an SQLite file, or a postgresql:// URL with --ods")
     p.add_argument("--spine", required=True, help="Spine base URL")
     p.add_argument("--session", required=True, help="session file from scr-nb login")
     add_job_options(p)
@@ -502,15 +529,17 @@ def build_parser(parsing: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--asid", default=None,
                    help="the practice system's ASID (default: practice.json's, else 200000000001)")
     p.add_argument("--ods", default=None,
-                   help="the practice's ODS code (default: practice.json's, else A12345)")
+                   help="the practice's ODS code: its practice in a PostgreSQL store, and its "
+                        "code in messages (default: practice.json's, else A12345)")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = command("scheduled", cmd_scheduled, "run the scheduled-upload notebook with papermill")
     p.add_argument("--practice", **practice)
-    p.add_argument("--store", required=True, help="the practice's store (SQLite file)")
+    p.add_argument("--store", required=True, help="the practice's store: an SQLite file, or a postgresql:// URL with --ods")
     p.add_argument("--spine", required=True, help="Spine base URL")
     p.add_argument("--session", required=True, help="session file from scr-nb login")
+    p.add_argument("--ods", default=None, help=ODS_HELP)
     p.add_argument("--mode", required=True, choices=[m.value for m in Mode])
     p.add_argument("--report-dir", default="reports", help="where reports go (default reports/)")
     add_job_options(p)
@@ -529,29 +558,38 @@ def build_parser(parsing: str | None = None) -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--close", action="store_true", help="Stop and Close")
     which.add_argument("--cancel", action="store_true", help="Cancel")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help="the practice's store: an SQLite file, or a postgresql:// URL with --ods")
+    p.add_argument("--ods", default=None, help=ODS_HELP)
     p.add_argument("--session", help="who asks (default: this machine's account)")
     p.add_argument("--wait", type=float, default=900.0,
                    help="seconds to wait for the job to stop (default 900)")
 
     p = command("break-lock", cmd_break_lock, "remove the lock of a job that is gone")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help="the practice's store: an SQLite file, or a postgresql:// URL with --ods")
+    p.add_argument("--ods", default=None, help=ODS_HELP)
     p.add_argument("--session", help="who breaks it (default: this machine's account)")
 
     p = command("report", cmd_report, "an HTML report of a store")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help="the practice's store: an SQLite file, or a postgresql:// URL with --ods")
+    p.add_argument("--ods", default=None, help=ODS_HELP)
     p.add_argument("--out", default="reports", help="directory to write to (default reports/)")
     p.add_argument("--show-nhs-numbers", action="store_true",
                    help="for support use only: show NHS numbers in full")
 
     p = command("status", cmd_status, "state of a store")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help="the practice's store: an SQLite file, or a postgresql:// URL with --ods")
+    p.add_argument("--ods", default=None, help=ODS_HELP)
     p.add_argument("--json", action="store_true")
 
     p = command("log", cmd_log, "the practice log")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help="the practice's store: an SQLite file, or a postgresql:// URL with --ods")
+    p.add_argument("--ods", default=None, help=ODS_HELP)
     p.add_argument("--json", action="store_true")
     return parser
+
+
+ODS_HELP = ("the practice's ODS code, naming it in a PostgreSQL store (an SQLite store holds one "
+            "practice)")
 
 
 def _check_connection_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
