@@ -1,10 +1,12 @@
 """Numbers for analysts: pandas frames over one or more practice stores (SPEC 9, the monitor).
 
-Every function takes one store path or a list of them and opens each store read-only, so it can be
-called while a job is writing to it. Every frame starts with ``store`` (the path) and ``practice``
-(a short label for plots and tables) so frames from many practices stack, group and plot together;
-an empty list of stores gives an empty frame with the same columns. Times are pandas UTC
-timestamps. NHS numbers are masked (``943 *** 5919``) unless ``show_nhs=True``.
+Every function takes one store or a list of them, each an SQLite file's path or a PostgreSQL
+practice (``postgresql://host/db?ods=CODE``, or a ``Location``), and opens each read-only, so it can
+be called while a job is writing to it. Every frame starts with ``store`` (the path, or the URL
+without its password) and ``practice`` (a short label for plots and tables) so frames from many
+practices stack, group and plot together; an empty list of stores gives an empty frame with the
+same columns. Times are pandas UTC timestamps. NHS numbers are masked (``943 *** 5919``) unless
+``show_nhs=True``.
 
 A patient "failed" here as in ``Store.status()``: its latest attempt failed. Failures a later job
 resolved are only in the per-job counts (``jobs``, ``failures_by_job``) and in ``messages``.
@@ -15,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import pandas as pd
 
@@ -23,11 +24,12 @@ from scr_nb.constants import category, explain
 from scr_nb.errors import StoreError
 from scr_nb.extract.nhs_number import mask
 from scr_nb.store import queries
+from scr_nb.store.database import Location, practice_url, redact
 from scr_nb.store.practice_store import Store
 from scr_nb.store.states import NOT_REQUIRED_REASONS, PatientState, counters
 
-StorePath = str | os.PathLike
-Stores = StorePath | Iterable[StorePath]
+StoreName = str | os.PathLike | Location
+Stores = StoreName | Iterable[StoreName]
 
 # The moments in a message's life counted by ``throughput``, and the column each is read from.
 EVENTS = {"queued": "queued_at", "transmitted": "transmitted_at",
@@ -42,32 +44,44 @@ TEXT, TIME = "object", "datetime64[us, UTC]"   # column types, so that empty fra
 
 # --- opening stores -------------------------------------------------------------------------------
 
-def store_paths(stores: Stores) -> list[Path]:
-    """The stores as a list of paths: one path, or any iterable of them."""
-    if isinstance(stores, (str, os.PathLike)):
-        return [Path(stores)]
-    return [Path(s) for s in stores]
+def store_locations(stores: Stores) -> list[Location]:
+    """The stores as locations: one store (an SQLite file's path, a ``postgresql://...?ods=CODE``
+    URL or a ``Location``), or any iterable of them."""
+    if isinstance(stores, (str, os.PathLike, Location)):
+        stores = [stores]
+    return [Location.of(store) for store in stores]
 
 
-def practice_labels(paths: list[Path]) -> dict[Path, str]:
+def store_name(location: Location) -> str:
+    """How a frame's ``store`` column names a store: the SQLite file's path, or the one string
+    naming a PostgreSQL practice (``postgresql://host/db?ods=CODE``, never the password)."""
+    if location.path is not None:
+        return str(location.path)
+    return practice_url(redact(location.url), location.ods)
+
+
+def practice_labels(locations: list[Location]) -> dict[Location, str]:
     """A short, distinct label per store, as people name practices: "Fulford Grange (B82001)" from
-    the practice details its latest job ran with, else the store's file name (with its folder in
-    front when two share a name, as every practice's store may be called practice.sqlite)."""
-    stems = [p.stem for p in paths]
-    labels: dict[Path, str] = {}
-    for path in paths:
-        label = _named(path)
-        if label is None:
+    the practice details its latest job ran with, else its ODS code, else the store's file name
+    (with its folder in front when two share a name, as every practice's store may be called
+    practice.sqlite)."""
+    stems = [loc.path.stem for loc in locations if loc.path is not None]
+    labels: dict[Location, str] = {}
+    for location in locations:
+        label, path = _named(location), location.path
+        if label is None and path is not None:
             label = path.stem if stems.count(path.stem) == 1 else f"{path.parent.name}/{path.stem}"
-        if label in labels.values():
-            label = f"{label} [{path}]"
-        labels[path] = label
+        if label is None:          # a PostgreSQL practice that cannot be read: its name as given
+            label = store_name(location)
+        elif label in labels.values():
+            label = f"{label} [{store_name(location)}]"
+        labels[location] = label
     return labels
 
 
-def _named(path: Path) -> str | None:
+def _named(location: Location) -> str | None:
     try:
-        with queries.reading(path) as store:
+        with queries.reading(location) as store:
             ods, name = queries.practice_identity(store)
     except StoreError:
         return None
@@ -90,14 +104,14 @@ def _collect(stores: Stores, read: Callable[[Store], pd.DataFrame],
              columns: dict[str, str]) -> pd.DataFrame:
     """Call ``read(store)`` (a frame) on every store, opened read-only, and stack the results
     with their labels."""
-    paths = store_paths(stores)
-    labels = practice_labels(paths)
+    locations = store_locations(stores)
+    labels = practice_labels(locations)
     frames = []
-    for path in paths:
-        with queries.reading(path) as store:
+    for location in locations:
+        with queries.reading(location) as store:
             frame = read(store)
-        frame.insert(0, "practice", labels[path])
-        frame.insert(0, "store", str(path))
+        frame.insert(0, "practice", labels[location])
+        frame.insert(0, "store", store_name(location))
         frames.append(frame)
     frames = [f for f in frames if not f.empty]
     if not frames:
@@ -355,5 +369,5 @@ def failures_by_job(stores: Stores) -> pd.DataFrame:
 __all__ = [
     "completion", "not_required", "jobs", "messages", "throughput", "ack_latency",
     "ack_latency_percentiles", "failures", "failures_by_code", "failures_by_category",
-    "failures_by_job", "store_paths", "practice_labels",
+    "failures_by_job", "store_locations", "store_name", "practice_labels",
 ]

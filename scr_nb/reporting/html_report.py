@@ -24,7 +24,6 @@ from matplotlib.figure import Figure
 
 from scr_nb import __version__
 from scr_nb.constants import category, explain, next_step
-from scr_nb.errors import StoreError
 from scr_nb.private_files import write_private
 from scr_nb.reporting import frames
 from scr_nb.reporting.charts import (
@@ -37,7 +36,7 @@ from scr_nb.reporting.charts import (
     plot_throughput,
 )
 from scr_nb.store import queries
-from scr_nb.store.practice_store import Store
+from scr_nb.store.database import Location
 from scr_nb.store.words import (
     MISSING, MODE_WORDS, NOT_REQUIRED_WORDS, VISION_COUNTERS, job_words, words,
 )
@@ -47,20 +46,27 @@ FAILED_PATIENTS_SHOWN = 200   # the report lists at most this many failed patien
 
 # --- the HTML report ------------------------------------------------------------------------------
 
-def write_report(store_path: str | Path, out_dir: str | Path, show_nhs: bool = False,
-                 refusal: str | None = None) -> Path:
-    """Write ``report-<store stem>-<UTC time>.html`` under ``out_dir`` (made if missing) and
-    return its path. NHS numbers are masked unless ``show_nhs``."""
-    store_path = Path(store_path)
+def write_report(store: str | Path | Location, out_dir: str | Path, show_nhs: bool = False,
+                 refusal: str | None = None, *, ods: str | None = None) -> Path:
+    """Write ``report-<store stem or ODS code>-<UTC time>.html`` under ``out_dir`` (made if
+    missing) and return its path. ``store`` is an SQLite file or a PostgreSQL URL with the
+    practice in ``ods`` (or in the URL as ``?ods=CODE``). NHS numbers are masked unless
+    ``show_nhs``."""
+    location = Location.of(store, ods)
     now = datetime.now(timezone.utc)
-    text = render_report(store_path, show_nhs=show_nhs, now=now, refusal=refusal)
+    text = render_report(location, show_nhs=show_nhs, now=now, refusal=refusal)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"report-{store_path.stem}-{now:%Y%m%dT%H%M%SZ}"
+    stem = f"report-{_short_name(location)}-{now:%Y%m%dT%H%M%SZ}"
     path, n = out_dir / f"{stem}.html", 1
     while path.exists():          # two reports in one second: keep both
         path, n = out_dir / f"{stem}-{n}.html", n + 1
     return write_private(path, text)   # patient ids, even with NHS numbers masked
+
+
+def _short_name(location: Location) -> str:
+    """The store in a file name: the SQLite file's stem, or the PostgreSQL practice's ODS code."""
+    return location.path.stem if location.path is not None else str(location.ods)
 
 
 class Table(NamedTuple):
@@ -73,34 +79,30 @@ _TEMPLATES = Environment(loader=PackageLoader("scr_nb.reporting", "templates"),
                          lstrip_blocks=True, undefined=StrictUndefined)
 
 
-def render_report(store_path: str | Path, show_nhs: bool = False,
-                  now: datetime | None = None, refusal: str | None = None) -> str:
+def render_report(store: str | Path | Location, show_nhs: bool = False,
+                  now: datetime | None = None, refusal: str | None = None, *,
+                  ods: str | None = None) -> str:
     """The report's HTML text (``write_report`` saves it). ``refusal``: the words of a run that was
     refused, said at the top so older jobs' figures are not read as that run's."""
-    store_path = Path(store_path)
-    if not store_path.is_file():
-        raise StoreError(f"{store_path}: no such store")
+    location = Location.of(store, ods)
     now = now or datetime.now(timezone.utc)
-    store = Store(store_path, readonly=True)
-    try:
-        status = store.status()
-        ods, name = queries.practice_identity(store)
-    finally:
-        store.close()
-    jobs = frames.jobs(store_path)
-    by_code = frames.failures_by_code(store_path)
-    by_category = frames.failures_by_category(store_path)
-    failed = frames.failures(store_path, show_nhs=show_nhs)
-    not_required = frames.not_required(store_path)
-    percentiles = frames.ack_latency_percentiles(store_path)
-    throughput = frames.throughput(store_path, freq="auto")
+    with queries.reading(location) as reader:
+        status = reader.status()
+        code, name = queries.practice_identity(reader)
+    jobs = frames.jobs(location)
+    by_code = frames.failures_by_code(location)
+    by_category = frames.failures_by_category(location)
+    failed = frames.failures(location, show_nhs=show_nhs)
+    not_required = frames.not_required(location)
+    percentiles = frames.ack_latency_percentiles(location)
+    throughput = frames.throughput(location, freq="auto")
     shown = failed.head(FAILED_PATIENTS_SHOWN)
     latest = status["latest_job"]
     context = {
-        "practice": {"label": f"{name} ({ods})" if name and ods else (name or ods
-                                                                      or store_path.stem),
-                     "name": name, "ods": ods},
-        "store": str(store_path),
+        "practice": {"label": f"{name} ({code})" if name and code else (name or code
+                                                                       or _short_name(location)),
+                     "name": name, "ods": code},
+        "store": frames.store_name(location),
         "latest": _latest(latest, jobs) if latest else None,
         "generated": _when(now),
         "masking": ("NHS numbers are shown in full." if show_nhs
@@ -123,7 +125,7 @@ def render_report(store_path: str | Path, show_nhs: bool = False,
         "failures_by_job": Table(
             ["Job", "Mode", "Code", "Plain words", "Category", "Failed"],
             [[j, words(m, MODE_WORDS), c, w, k, n] for j, m, c, w, k, n in
-             frames.failures_by_job(store_path)[
+             frames.failures_by_job(location)[
                  ["job_id", "mode", "code", "words", "category", "failed"]].itertuples(
                  index=False)]),
         "failed_note": (f"The first {len(shown)} of {len(failed)} failed patients; "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 
@@ -196,8 +195,8 @@ class Monitor(widgets.VBox):
     """Filters (practices, from and to dates, jobs) over the monitor's tables, each with its CSV;
     setting any filter's ``value`` redraws them. ``tables`` holds what is shown."""
 
-    def __init__(self, stores: Iterable, freq: str = "auto"):
-        self.stores, self.freq = list(frames.store_paths(stores)), freq
+    def __init__(self, stores: frames.Stores, freq: str = "auto"):
+        self.stores, self.freq = frames.store_locations(stores), freq
         self.all_jobs = frames.jobs(self.stores)
         practices = sorted(self.all_jobs["practice"].unique()) if not self.all_jobs.empty else []
         self.practices = widgets.SelectMultiple(options=practices, description="Practices",

@@ -30,6 +30,7 @@ from scr_nb.job.runner import Outcome, run_upload
 from scr_nb.job.schedule import Schedule
 from scr_nb.spine import session as sessions
 from scr_nb.spine.tls import TlsSettings
+from scr_nb.store.database import Location
 from scr_nb.store.practice_store import Store
 from scr_nb.store.schema import DatabaseError
 from scr_nb.store.states import Mode
@@ -41,6 +42,17 @@ WHOLE_LIST = "Whole list"
 REFRESH_SECONDS = 1.0
 WIDE = w.Layout(width="auto")
 LABELS = {"description_width": "initial"}     # labels are never cut off
+
+
+def _located(store: str, ods: str | None) -> tuple[Location | None, str]:
+    """Where the store is, or None and why not in a few words (none given, a PostgreSQL URL
+    naming no practice)."""
+    if not store:
+        return None, ""
+    try:
+        return Location.of(store, ods or None), ""
+    except StoreError as err:
+        return None, f" ({err})"
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -85,15 +97,18 @@ def statistics_table(stats: dict) -> str:
 
 
 class ControlPanel:
-    """The panel for one practice. ``ca_bundle``, ``client_cert`` and ``client_key`` are the TLS
-    settings for the Spine and its identity provider; those not given come from SCR_NB_CA_BUNDLE,
-    SCR_NB_CLIENT_CERT and SCR_NB_CLIENT_KEY. ``live=False`` leaves out the once-a-second reading
-    of the store (tests call ``refresh()`` themselves)."""
+    """The panel for one practice. ``store`` is its SQLite file, or a PostgreSQL URL with the
+    practice's ODS code in ``ods`` (or in the URL as ``?ods=CODE``). ``ca_bundle``,
+    ``client_cert`` and ``client_key`` are the TLS settings for the Spine and its identity
+    provider; those not given come from SCR_NB_CA_BUNDLE, SCR_NB_CLIENT_CERT and
+    SCR_NB_CLIENT_KEY. ``live=False`` leaves out the once-a-second reading of the store (tests
+    call ``refresh()`` themselves)."""
 
     def __init__(self, practice: str, store: str, spine: str, session: str = "",
                  ca_bundle: str | None = None, client_cert: str | None = None,
-                 client_key: str | None = None, live: bool = True):
-        self.practice, self.store_path, self.spine = practice, store, spine
+                 client_key: str | None = None, live: bool = True, ods: str | None = None):
+        self.practice, self.spine = practice, spine
+        self.location, self.store_problem = _located(store, ods)
         self.session_path = session
         self.tls = TlsSettings.from_options(ca_bundle, client_cert, client_key)
         self.mode: Mode | None = None
@@ -185,7 +200,8 @@ class ControlPanel:
         if details and (details.name or details.ods_code):
             who = f"{details.name or ''} ({details.ods_code or 'no ODS code'})"
         return (f"<h3 style='margin:4px 0'>SCR GP Summary upload{': ' + _e(who) if who else ''}"
-                f"</h3><small>Store {_e(self.store_path or 'not set')}</small>")
+                f"</h3><small>Store {_e(self.location.label if self.location else 'not set')}"
+                "</small>")
 
     def session(self) -> sessions.Session | None:
         if not self.session_path or not Path(self.session_path).exists():
@@ -211,10 +227,11 @@ class ControlPanel:
                 continue
 
     def _status(self) -> dict | None:
-        if not self.store_path or not Path(self.store_path).is_file():
+        if self.location is None or (self.location.path is not None
+                                     and not self.location.path.is_file()):
             return None
         try:
-            store = Store(self.store_path, readonly=True)
+            store = Store(self.location, readonly=True)
         except StoreError:
             return None
         try:
@@ -247,9 +264,12 @@ class ControlPanel:
             if why and mode == Mode.RUN:
                 messages.append(why)
         self.mode_message.value = "" if busy else _e(" ".join(messages))
-        if not self.store_path or Path(self.store_path).is_dir():
-            self.mode_message.value = ("<b>No store:</b> set the <code>store</code> parameter "
-                                       "(or SCR_NB_STORE) to the practice's store file.")
+        if self.location is None or (self.location.path is not None
+                                     and self.location.path.is_dir()):
+            self.mode_message.value = (f"<b>No store{_e(self.store_problem)}:</b> set the "
+                                       "<code>store</code> parameter (or SCR_NB_STORE) to the "
+                                       "practice's store: an SQLite file, or "
+                                       "postgresql://...?ods=CODE.")
             for button in self.mode_buttons.values():
                 button.disabled = True
         reason = self._why_not_ok(session, now)
@@ -266,7 +286,7 @@ class ControlPanel:
         if B0062 not in session.activities:
             return (f"{session.name}'s role does not hold B0062, which starting an upload needs: "
                     "ask your Registration Authority.")
-        if not self.store_path:
+        if self.location is None:
             return "no store is set."
         if self.mode is None:
             return "choose Run, Resume, Rerun or Failed."
@@ -323,8 +343,10 @@ class ControlPanel:
     def why_not(self, mode: Mode) -> str | None:
         """Vision's message when ``mode`` cannot start now, else None."""
         nothing_yet = None if mode == Mode.RUN else "nothing has been uploaded yet: use Run."
+        if self.location is None:
+            return nothing_yet
         try:
-            store = Store(self.store_path, readonly=True)
+            store = Store(self.location, readonly=True)
         except StoreError:
             return nothing_yet
         try:
@@ -347,8 +369,10 @@ class ControlPanel:
             return
         finally:
             self.passcode.value = ""
-        if not self.session_path:
-            self.session_path = str(Path(self.store_path).with_suffix(".session.json"))
+        if not self.session_path and self.location is not None:
+            where = self.location.path
+            self.session_path = str(where.with_suffix(".session.json") if where is not None
+                                    else self.location.sibling(".session.json"))
         sessions.save(session, self.session_path)
         self.refresh()
 
@@ -410,7 +434,7 @@ class ControlPanel:
         if self.running and self.control is not None:
             self.control.ask(request, by)
         elif self.attached is not None:
-            store = Store(self.store_path)
+            store = Store(self.location)
             try:
                 store.ask(self.attached["id"], request, *by)
             finally:
@@ -427,7 +451,7 @@ class ControlPanel:
 
     def _run(self, options: JobOptions) -> None:
         try:
-            outcome = run_upload(self.practice, self.store_path, self.spine, self.session_path,
+            outcome = run_upload(self.practice, self.location, self.spine, self.session_path,
                                  options, on_progress=self.show, control=self.control,
                                  tls=self.tls)
         except Exception as err:  # shown in the panel: the thread must not print

@@ -1,9 +1,10 @@
 """Headless, scheduled uploads (SPEC 9 and 10): ``notebooks/scheduled_upload.ipynb`` run by papermill.
 
 ``scr-nb scheduled`` executes the notebook with its parameters, writes the executed notebook and an
-HTML export (inputs hidden) under ``<report dir>/<store name>/<UTC time>/``, and exits with the
-job's own exit code. A refused or failed job still leaves its report saying why. The notebook's
-cells call ``run_from_parameters`` and ``plot_outcome`` below, so nothing in it is untestable.
+HTML export (inputs hidden) under ``<report dir>/<store name>/<UTC time>/`` (the SQLite file's
+stem, or the practice's ODS code in a PostgreSQL store), and exits with the job's own exit code. A
+refused or failed job still leaves its report saying why. The notebook's cells call
+``run_from_parameters`` and ``plot_outcome`` below, so nothing in it is untestable.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
+from scr_nb.errors import StoreError
 from scr_nb.job.options import JobControl, JobOptions
 from scr_nb.job.runner import EXIT_ERROR, Outcome, run_upload
 from scr_nb.job.schedule import Schedule, parse_local
 from scr_nb.spine.tls import TlsSettings
+from scr_nb.store.database import Location
 from scr_nb.store.states import Mode
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "scheduled_upload.ipynb"
@@ -34,8 +37,9 @@ def run_from_parameters(*, practice: str, store: str, spine: str, session: str, 
                         dissent: str = "exclude", skip_acknowledged: bool = False,
                         ca_bundle: str | None = None, client_cert: str | None = None,
                         client_key: str | None = None, outcome_path: str | None = None,
-                        control_dir: str | None = None) -> Outcome:
+                        control_dir: str | None = None, ods: str | None = None) -> Outcome:
     """The scheduled notebook's upload cell: never raises, so the report is always written.
+    ``store`` is an SQLite file or a PostgreSQL URL with the practice in ``ods`` (or ``?ods=``).
     The TLS settings not given come from SCR_NB_CA_BUNDLE, SCR_NB_CLIENT_CERT, SCR_NB_CLIENT_KEY.
     With ``control_dir``, a file named ``stop-requested`` there is Stop and Close and one named
     ``cancel-requested`` is Cancel: how ``scr-nb scheduled`` passes on Ctrl-C and SIGTERM."""
@@ -54,7 +58,8 @@ def run_from_parameters(*, practice: str, store: str, spine: str, session: str, 
                              skip_acknowledged=bool(skip_acknowledged),
                              schedule=Schedule(**times))
         tls = TlsSettings.from_options(ca_bundle, client_cert, client_key)
-        outcome = run_upload(practice, store, spine, session, options, control=control, tls=tls)
+        outcome = run_upload(practice, Location.of(store, ods or None), spine, session, options,
+                             control=control, tls=tls)
     except Exception as err:  # reported, not raised: the report must say why
         outcome = Outcome(EXIT_ERROR, f"upload {mode} failed: {type(err).__name__}: {err}")
     finally:
@@ -65,7 +70,8 @@ def run_from_parameters(*, practice: str, store: str, spine: str, session: str, 
 
 
 def header_html(outcome: Outcome, *, practice: str, store: str, mode: str,
-                session: str = "", started: datetime | None = None) -> str:
+                session: str = "", started: datetime | None = None,
+                ods: str | None = None) -> str:
     """The top of a scheduled run's report: the practice by name and ODS code, the store, the
     mode, the user and the times, and, for a refused run, that it was refused and sent nothing."""
     from html import escape
@@ -86,7 +92,9 @@ def header_html(outcome: Outcome, *, practice: str, store: str, mode: str,
     except (ScrNbError, OSError, ValueError):
         user_words = "no usable session"
     job = outcome.job or {}
-    rows = [("Practice", who), ("Store", store), ("Mode", words(mode, MODE_WORDS)),
+    location = _location(store, ods)
+    rows = [("Practice", who), ("Store", location.label if location else store or "not set"),
+            ("Mode", words(mode, MODE_WORDS)),
             ("User", user_words),
             ("Started", (job.get("started_at") or (started.isoformat(timespec="seconds")
                                                    if started else ""))[:19].replace("T", " ")),
@@ -102,7 +110,7 @@ def header_html(outcome: Outcome, *, practice: str, store: str, mode: str,
     return f"<h2>Scheduled upload</h2><table>{table}</table>{banner}"
 
 
-def plot_outcome(store: str, outcome: Outcome | None = None):
+def plot_outcome(store: str, outcome: Outcome | None = None, ods: str | None = None):
     """The analysts' charts for this store (the same functions as the HTML report and the
     monitor notebook): success rate per job, throughput, ack latency, failures by code. None when
     this run sent nothing (a refused run), so older jobs' charts are never shown as this run's."""
@@ -110,19 +118,28 @@ def plot_outcome(store: str, outcome: Outcome | None = None):
 
     from scr_nb.reporting import charts, frames
 
-    if not store or not Path(store).exists():
+    location = _location(store, ods)
+    if location is None or (location.path is not None and not location.path.exists()):
         return None
     if outcome is not None and outcome.job is None:
         return None
     figure, axes = plt.subplots(2, 2, figsize=(12, 7.5))
-    charts.plot_success_rate(axes[0][0], frames.jobs(store))
-    charts.plot_throughput(axes[0][1], frames.throughput(store, freq="auto"))
-    charts.plot_ack_latency(axes[1][0], frames.ack_latency_percentiles(store))
-    charts.plot_failures_by_code(axes[1][1], frames.failures_by_code(store))
+    charts.plot_success_rate(axes[0][0], frames.jobs(location))
+    charts.plot_throughput(axes[0][1], frames.throughput(location, freq="auto"))
+    charts.plot_ack_latency(axes[1][0], frames.ack_latency_percentiles(location))
+    charts.plot_failures_by_code(axes[1][1], frames.failures_by_code(location))
     if outcome is not None:
         figure.suptitle(f"Every job on this store; this run is job #{outcome.job['id']}")
     figure.tight_layout()
     return figure
+
+
+def _location(store: str | None, ods: str | None) -> Location | None:
+    """Where the store is, or None when none is named (or a PostgreSQL URL names no practice)."""
+    try:
+        return Location.of(store, ods or None) if store else None
+    except StoreError:
+        return None
 
 
 def _watch_for_requests(folder: Path, control: JobControl, done: threading.Event) -> None:
@@ -133,10 +150,13 @@ def _watch_for_requests(folder: Path, control: JobControl, done: threading.Event
             control.stop_and_close()
 
 
-def report_folder(report_dir: str | Path, store: str | Path) -> Path:
-    """A new folder per run: reports/<store name>/<UTC time>[-n]/."""
+def report_folder(report_dir: str | Path, store: str | Path, ods: str | None = None) -> Path:
+    """A new folder per run: reports/<store name>/<UTC time>[-n]/, the store named by its SQLite
+    file's stem, or by its practice's ODS code in a PostgreSQL store."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    base = Path(report_dir) / Path(store).stem
+    location = _location(str(store), ods)
+    name = location.ods if location is not None and location.path is None else Path(store).stem
+    base = Path(report_dir) / name
     folder, n = base / stamp, 1
     while folder.exists():
         folder, n = base / f"{stamp}-{n}", n + 1
@@ -150,7 +170,7 @@ def run_scheduled(parameters: dict, report_dir: str | Path = "reports") -> tuple
     import papermill
     from nbconvert import HTMLExporter
 
-    folder = report_folder(report_dir, parameters["store"])
+    folder = report_folder(report_dir, parameters["store"], parameters.get("ods"))
     executed = folder / "scheduled_upload.ipynb"
     outcome_path = folder / "outcome.json"
     parameters = {**parameters, "report_dir": str(report_dir), "outcome_path": str(outcome_path),

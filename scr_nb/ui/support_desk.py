@@ -1,9 +1,11 @@
 """The support engineer's desk (SPEC 9, ``investigate_errors.ipynb``): why patients failed, what was
 sent and what the Spine answered, and reprocessing the ones support has put right.
 
-Reading never changes the store: a store given by path is opened read-only, so looking at a
-practice's store while its upload runs is safe. Only ``mark_resolved`` (a kit group) and
-``reprocess`` (a Failed job through the engine, as the CLI runs it) write.
+A store is an SQLite file, a PostgreSQL URL with the practice's ODS code (``ods=``, or ``?ods=CODE``
+in the URL), a ``Location`` or an open ``Store``. Reading never changes the store: one named is
+opened read-only, so looking at a practice's store while its upload runs is safe. Only
+``mark_resolved`` (a kit group) and ``reprocess`` (a Failed job through the engine, as the CLI runs
+it) write.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from scr_nb.job.options import JobControl, JobOptions, Progress
 from scr_nb.job.runner import Outcome, run_upload
 from scr_nb.spine.mime import Part, parse_related
 from scr_nb.store import queries
+from scr_nb.store.database import Location
 from scr_nb.store.practice_store import Store
 from scr_nb.store.states import Mode, PatientState
 
@@ -49,12 +52,12 @@ _START = re.compile(r'start\s*=\s*"?<?([^">;]+)>?"?', re.IGNORECASE)
 # --- reading the store ----------------------------------------------------------------------------
 
 @contextmanager
-def _writing(store: StoreLike) -> Iterator[Store]:
-    """The Store to write through; one given by path is closed after."""
+def _writing(store: StoreLike, ods: str | None) -> Iterator[Store]:
+    """The Store to write through; one named by path or URL is closed after."""
     if isinstance(store, Store):
         yield store
         return
-    opened = Store(store)
+    opened = Store(store, ods=ods)
     try:
         yield opened
     finally:
@@ -86,25 +89,26 @@ def _bound(value: When, end: bool) -> tuple[pd.Timestamp, bool] | None:
     return pd.Timestamp(value if value.tzinfo else value.astimezone()), True
 
 
-def nothing_to_investigate(store: str | Path | None) -> str | None:
-    """Why there is nothing to look at (no store given, no such file, not a store), or None."""
+def nothing_to_investigate(store: StoreLike | None, ods: str | None = None) -> str | None:
+    """Why there is nothing to look at (no store given, no such file or database, not a store),
+    or None."""
     try:
-        with queries.reading(store or ""):
+        with queries.reading(store or "", ods):
             return None
     except StoreError as err:
         return f"Nothing to investigate: {err}."
 
 
-def failure_codes(store: StoreLike) -> dict[str, int]:
+def failure_codes(store: StoreLike, ods: str | None = None) -> dict[str, int]:
     """Failure code -> failed patients, most frequent first (the code filter's choices)."""
-    with queries.reading(store) as reader:
+    with queries.reading(store, ods) as reader:
         return queries.failure_codes(reader)
 
 
-def overview(store: StoreLike) -> str:
+def overview(store: StoreLike, ods: str | None = None) -> str:
     """One paragraph for the top of the desk: how many patients failed, by code, in plain words."""
-    codes = failure_codes(store)
-    name = store.path if isinstance(store, Store) else store
+    with queries.reading(store, ods) as reader:
+        codes, name = queries.failure_codes(reader), reader.label
     if not codes:
         return f"No failed patients in {name}: nothing to investigate."
     lines = [f"{sum(codes.values())} failed patients in {name}:"]
@@ -115,21 +119,21 @@ def overview(store: StoreLike) -> str:
     return "\n".join(lines)
 
 
-def group_names(store: StoreLike) -> list[str]:
+def group_names(store: StoreLike, ods: str | None = None) -> list[str]:
     """The Patient Groups of the extract and of the kit (e.g. the ones support made)."""
-    with queries.reading(store) as reader:
+    with queries.reading(store, ods) as reader:
         return reader.group_names()
 
 
 def failed_patients(store: StoreLike, code: str | None = None, since: When = None,
                     until: When = None, job_id: int | None = None, group: str | None = None,
-                    show_nhs: bool = False) -> pd.DataFrame:
+                    show_nhs: bool = False, ods: str | None = None) -> pd.DataFrame:
     """Patients whose latest attempt failed, in extract order, with the code in plain words.
 
     ``since``/``until`` bound the time of failure (dates are whole local days); ``job_id`` is the
     job that sent the failed message; ``group`` a Patient Group of the extract or the kit. Support
     sees NHS numbers masked (``943 *** 5919``) unless ``show_nhs``."""
-    with queries.reading(store) as reader:
+    with queries.reading(store, ods) as reader:
         if group:
             names = reader.group_names()
             if group not in names:
@@ -154,10 +158,10 @@ def failed_patients(store: StoreLike, code: str | None = None, since: When = Non
     return frame[FAILED_COLUMNS].reset_index(drop=True)
 
 
-def find_patient(store: StoreLike, who: str | None = None) -> str | None:
+def find_patient(store: StoreLike, who: str | None = None, ods: str | None = None) -> str | None:
     """The store key of a patient named by key, patient id or NHS number; with no name, the first
     failed patient in extract order (None when nobody failed)."""
-    with queries.reading(store) as reader:
+    with queries.reading(store, ods) as reader:
         if who is None or str(who).strip() == "":
             return queries.first_failed_patient(reader)
         who = str(who).strip()
@@ -168,11 +172,11 @@ def find_patient(store: StoreLike, who: str | None = None) -> str | None:
     return found
 
 
-def timeline(store: StoreLike, pkey: str) -> pd.DataFrame:
+def timeline(store: StoreLike, pkey: str, ods: str | None = None) -> pd.DataFrame:
     """Every message sent for one patient, oldest first, with each HTTP exchange it took: when, a
     POST or a poll, the HTTP status, what came back, and the ack's type and codes on the poll that
     brought the ack. A message no request went out for (e.g. over the size limit) has one row."""
-    with queries.reading(store) as reader:
+    with queries.reading(store, ods) as reader:
         if not queries.has_patient(reader, pkey):
             raise ValueError(f"no patient with store key {pkey!r}")
         frame = _frame(queries.timeline_rows(reader, pkey))
@@ -222,10 +226,10 @@ def _what_happened(kind: object, status: object, detail: object, failure: object
     return f"Unexpected answer to the poll: HTTP {status}{said}"
 
 
-def last_sent_message(store: StoreLike, pkey: str) -> str | None:
+def last_sent_message(store: StoreLike, pkey: str, ods: str | None = None) -> str | None:
     """The newest message of the patient whose text was kept (None when none was: a message over
     the size limit is never kept or sent)."""
-    with queries.reading(store) as reader:
+    with queries.reading(store, ods) as reader:
         return queries.last_kept_message(reader, pkey)
 
 
@@ -298,8 +302,8 @@ def _split(body: bytes, content_type: str | None) -> tuple[Part | None, Part]:
     return header, payload
 
 
-def _message_body(store: StoreLike, message_id: str) -> tuple[bytes, str]:
-    with queries.reading(store) as reader:
+def _message_body(store: StoreLike, message_id: str, ods: str | None) -> tuple[bytes, str]:
+    with queries.reading(store, ods) as reader:
         found = queries.message_text(reader, message_id)
     if found is None:
         raise ValueError(f"no message {message_id} in the store")
@@ -310,26 +314,29 @@ def _message_body(store: StoreLike, message_id: str) -> tuple[bytes, str]:
     return body, content_type
 
 
-def message_xml(store: StoreLike, message_id: str, show_nhs: bool = False) -> str:
+def message_xml(store: StoreLike, message_id: str, show_nhs: bool = False,
+                ods: str | None = None) -> str:
     """The HL7 GP Summary (REPC_IN150016SM05) the kit sent under ``message_id``, indented; the NHS
     number masked and the clinical words hidden unless ``show_nhs``."""
-    _, payload = _split(*_message_body(store, message_id))
+    _, payload = _split(*_message_body(store, message_id, ods))
     return pretty_xml(payload.body, show_nhs)
 
 
-def ebxml_header(store: StoreLike, message_id: str, show_nhs: bool = False) -> str:
+def ebxml_header(store: StoreLike, message_id: str, show_nhs: bool = False,
+                 ods: str | None = None) -> str:
     """The ebXML (SOAP) header the message went with: From, To, CPA, MessageId, indented."""
-    header, _ = _split(*_message_body(store, message_id))
+    header, _ = _split(*_message_body(store, message_id, ods))
     return pretty_xml(header.body, show_nhs) if header is not None else ""
 
 
-def ack_xml(store: StoreLike, message_id: str, show_nhs: bool = False) -> str | None:
+def ack_xml(store: StoreLike, message_id: str, show_nhs: bool = False,
+            ods: str | None = None) -> str | None:
     """The Spine's application ack (MCCI_IN010000UK13) for ``message_id``, indented, NHS numbers
     masked unless ``show_nhs``.
 
     None when no ack body was kept: AA acks are not kept (every AA says the same, and the store
     records its type), and a message that timed out or was never sent has none."""
-    with queries.reading(store) as reader:
+    with queries.reading(store, ods) as reader:
         body = queries.ack_text(reader, message_id)
     if body is None:
         raise ValueError(f"no message {message_id} in the store")
@@ -341,7 +348,8 @@ def ack_xml(store: StoreLike, message_id: str, show_nhs: bool = False) -> str | 
 
 # --- putting things right -------------------------------------------------------------------------
 
-def mark_resolved(store: StoreLike, patient_ids: Iterable[str], group_name: str) -> int:
+def mark_resolved(store: StoreLike, patient_ids: Iterable[str], group_name: str,
+                  ods: str | None = None) -> int:
     """Put patients whose errors support has resolved in a kit group, for ``reprocess``.
 
     Refuses (and adds nobody) when any of them is not currently failed: Failed would not send it,
@@ -349,7 +357,7 @@ def mark_resolved(store: StoreLike, patient_ids: Iterable[str], group_name: str)
     ids = list(dict.fromkeys(str(p) for p in patient_ids))
     if not group_name or not str(group_name).strip():
         raise ValueError("give the group a name, e.g. 'Resolved by support'")
-    with queries.reading(store) as reader:
+    with queries.reading(store, ods) as reader:
         states = queries.patient_states(reader, ids)
     wrong = [f"{pid} ({', '.join(sorted(states[pid])) if pid in states else 'not in this store'})"
              for pid in ids if PatientState.FAILED.value not in states.get(pid, set())]
@@ -358,18 +366,19 @@ def mark_resolved(store: StoreLike, patient_ids: Iterable[str], group_name: str)
                            f"{'is' if len(wrong) == 1 else 'are'} not failed; only failed "
                            "patients can be reprocessed. Nobody was added to "
                            f"{group_name!r}.")
-    with _writing(store) as writable:
+    with _writing(store, ods) as writable:
         return writable.add_to_group(group_name, ids)
 
 
-def reprocess(store_path: str | Path, practice_dir: str | Path, spine_url: str,
+def reprocess(store_path: str | Path | Location, practice_dir: str | Path, spine_url: str,
               session_path: str | Path, group_name: str, *,
               on_progress: Callable[[Progress], None] | None = None,
-              control: JobControl | None = None, **options: object) -> Outcome:
+              control: JobControl | None = None, ods: str | None = None,
+              **options: object) -> Outcome:
     """Run a Failed job over ``group_name`` with the runner, exactly as ``scr-nb upload failed
     --group`` does. ``options`` are JobOptions fields (concurrency, rate_limit, ack_timeout...).
     A refusal comes back as an Outcome with exit code 3 and the reason, never as an exception."""
-    return run_upload(practice_dir, store_path, spine_url, session_path,
+    return run_upload(practice_dir, Location.of(store_path, ods), spine_url, session_path,
                       JobOptions(mode=Mode.FAILED, group=group_name, **options),
                       on_progress=on_progress, control=control)
 
@@ -388,9 +397,10 @@ class FailedPatientsFilter(widgets.VBox):
     """A code dropdown, a 'failed since' date picker and a group dropdown over the failed-patients
     table; setting any of their ``value``s re-renders the table (``frame`` holds what it shows)."""
 
-    def __init__(self, store: StoreLike, show_nhs: bool = False):
-        self.store, self.show_nhs = store, show_nhs
-        codes = failure_codes(store)
+    def __init__(self, store: StoreLike, show_nhs: bool = False, ods: str | None = None):
+        self.store, self.show_nhs = (store if isinstance(store, Store)
+                                     else Location.of(store, ods)), show_nhs
+        codes = failure_codes(self.store)
         self.code = widgets.Dropdown(
             description="Code", value=ALL,
             options=[(f"All codes ({sum(codes.values())})", ALL)]
@@ -398,7 +408,7 @@ class FailedPatientsFilter(widgets.VBox):
         self.since = widgets.DatePicker(description="Failed since")
         self.group = widgets.Dropdown(description="Group", value=ALL,
                                       options=[("Whole list", ALL)]
-                                      + [(g, g) for g in group_names(store)])
+                                      + [(g, g) for g in group_names(self.store)])
         self.table = widgets.HTML()
         self.frame = pd.DataFrame(columns=FAILED_COLUMNS)
         for control in (self.code, self.since, self.group):
@@ -426,9 +436,10 @@ class FailedPatientsFilter(widgets.VBox):
         return bundle
 
 
-def filter_widgets(store: StoreLike, show_nhs: bool = False) -> FailedPatientsFilter:
+def filter_widgets(store: StoreLike, show_nhs: bool = False,
+                   ods: str | None = None) -> FailedPatientsFilter:
     """The desk's filter: drive it with ``.code.value``, ``.since.value`` and ``.group.value``."""
-    return FailedPatientsFilter(store, show_nhs=show_nhs)
+    return FailedPatientsFilter(store, show_nhs=show_nhs, ods=ods)
 
 
 __all__ = ["failed_patients", "timeline", "message_xml", "ebxml_header", "ack_xml",
