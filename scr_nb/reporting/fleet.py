@@ -351,10 +351,21 @@ class FleetMonitor:
                                 "data": {"text/html": self.html,
                                          "text/plain": "SCR fleet monitor"}},)
 
+    @property
+    def watched(self) -> bool:
+        """Whether a front end shows the widget now (none does in a papermill run)."""
+        return bool(self.output._view_count)
+
+    def tick(self) -> bool:
+        """One beat of the live view: read and draw again if someone watches; True if it did."""
+        if self.watched:
+            self.refresh()
+            return True
+        return False
+
     def _tick(self) -> None:
         while not self._closed.wait(self.refresh_seconds):
-            if self.output._view_count:
-                self.refresh()
+            self.tick()
 
     def close(self) -> None:
         self._closed.set()
