@@ -1,6 +1,7 @@
 """The analyst's side: the frames of ``scr_nb.reporting.frames`` agree with ``Store.status()`` on a store
-filled by real jobs against the simulator, NHS numbers stay masked, the HTML report is whole, and
-the monitor notebook runs under papermill."""
+filled by real jobs against the simulator, in an SQLite file and in a PostgreSQL database shared with
+another practice, NHS numbers stay masked, the HTML report is whole, and the monitor notebook runs
+under papermill."""
 
 from __future__ import annotations
 
@@ -15,11 +16,16 @@ import papermill
 import pytest
 
 from scr_nb.errors import StoreError
+from scr_nb.job.engine import Engine
+from scr_nb.job.options import JobOptions
 from scr_nb.reporting import frames
 from scr_nb.reporting.html_report import write_report
 from scr_nb.sim.spine_sim import SimConfig, SimulatorThread
+from scr_nb.sim.synth import write_practice
 from scr_nb.spine import session as sessions
+from scr_nb.store.database import Location, practice_url
 from scr_nb.store.practice_store import Store
+from scr_nb.store.states import Mode
 from tests.conftest import ADMIN, USERS
 from tests.test_engine import job
 
@@ -60,18 +66,50 @@ def uploaded(tmp_path_factory, synthetic_practice):
     return where / "practice.sqlite"
 
 
-def status_of(path) -> dict:
-    store = Store(path)
+@pytest.fixture(scope="module")
+def uploaded_pg(postgres_server, tmp_path_factory, synthetic_practice):
+    """``uploaded`` in PostgreSQL: practice A12345 after a Run with Spine rejections and a Failed
+    job, in one database with practice B82001 after a clean Run of its own (its patients carry
+    the same patient ids). The one string naming A12345's store."""
+    where = tmp_path_factory.mktemp("uploaded_pg")
+    neighbour = where / "neighbour"
+    write_practice(neighbour, 60, seed=5, ods_code="B82001", name="Neighbour Surgery")
+    sim = SimulatorThread(SimConfig(users=USERS, poll_retry_after_ms=5, seed=1))
+    sim.start()
+    with postgres_server.fresh_database("frames_uploaded") as url:
+        try:
+            session = sessions.login(sim.url, ADMIN["user_id"], ADMIN["passcode"])
+            assert pg_job(url, "B82001", session, sim, neighbour, "run").completed
+            sim.simulator.config.reject_rates = {"30418": 0.1, "35160": 0.05}
+            assert pg_job(url, "A12345", session, sim, synthetic_practice, "run").completed
+            assert pg_job(url, "A12345", session, sim, synthetic_practice, "failed").completed
+        finally:
+            sim.stop()
+        yield practice_url(url, "A12345")
+
+
+def pg_job(url, ods, session, sim, practice, mode):
+    store = Store(url, ods=ods)
+    try:
+        return Engine(store, session, sim.url, practice).run(
+            JobOptions(mode=Mode(mode), concurrency=8))
+    finally:
+        store.close()
+
+
+def status_of(where) -> dict:
+    store = Store(where)
     try:
         return store.status()
     finally:
         store.close()
 
 
-def query(path, sql: str) -> list[tuple]:
-    store = Store(path)
+def query(where, sql: str) -> list[tuple]:
+    """The rows of ``sql``, whose one ``?`` is the store's practice."""
+    store = Store(where)
     try:
-        return list(store.db.execute(sql))
+        return store.db.rows(sql, (store.ods,))
     finally:
         store.close()
 
@@ -83,6 +121,10 @@ def nhs_like(frame) -> list[str]:
 
 
 def test_frames_agree_with_the_store_status(uploaded):
+    frames_agree_with_the_store_status(uploaded)
+
+
+def frames_agree_with_the_store_status(uploaded):
     status = status_of(uploaded)
     assert status["counters"]["failed"] > 0     # the rejections left some failures to count
 
@@ -94,7 +136,8 @@ def test_frames_agree_with_the_store_status(uploaded):
     failures = frames.failures(uploaded)
     assert len(failures) == status["counters"]["failed"]
     assert set(failures["patient_id"]) == {
-        r[0] for r in query(uploaded, "SELECT patient_id FROM patients WHERE state = 'failed'")}
+        r[0] for r in query(uploaded, "SELECT patient_id FROM patients "
+                                      "WHERE ods = ? AND state = 'failed'")}
     words = {"30418": "Dissent is recorded on the Spine for this patient (access control)",
              "35160": "NHS number missing or incorrect"}
     assert all(words[c] == w for c, w in zip(failures["code"], failures["words"]))
@@ -149,6 +192,10 @@ def test_frames_agree_with_the_store_status(uploaded):
 
 
 def test_no_nhs_number_in_any_frame_unless_asked(uploaded):
+    no_nhs_number_in_any_frame_unless_asked(uploaded)
+
+
+def no_nhs_number_in_any_frame_unless_asked(uploaded):
     for name, frame_of in EVERY_FRAME.items():
         assert nhs_like(frame_of([uploaded])) == [], name
     masked = frames.failures(uploaded)
@@ -156,7 +203,7 @@ def test_no_nhs_number_in_any_frame_unless_asked(uploaded):
 
     shown = frames.failures(uploaded, show_nhs=True)
     assert len(nhs_like(shown)) == len(shown) > 0        # the check above can fail
-    numbers = dict(query(uploaded, "SELECT patient_id, nhs_number FROM patients"))
+    numbers = dict(query(uploaded, "SELECT patient_id, nhs_number FROM patients WHERE ods = ?"))
     assert all(numbers[p] == n for p, n in zip(shown["patient_id"], shown["nhs_number"]))
     assert [n[:3] + n[6:] for n in shown["nhs_number"]] == \
         [n.replace(" *** ", "") for n in masked["nhs_number"]]
@@ -273,3 +320,72 @@ def test_the_monitors_filters_and_csv_exports(uploaded):
     link = csv_link(monitor.tables["jobs"], "jobs")
     data = base64.b64decode(re.search(r"base64,([^\"]+)", link).group(1)).decode()
     assert data.splitlines()[0].startswith("Practice,Job,Mode") and len(data.splitlines()) == 3
+
+
+# --- a PostgreSQL store of two practices ------------------------------------------------------------
+
+def test_frames_agree_with_the_status_of_a_postgresql_practice(uploaded_pg):
+    frames_agree_with_the_store_status(uploaded_pg)
+    no_nhs_number_in_any_frame_unless_asked(uploaded_pg)
+
+
+def test_each_practice_of_a_postgresql_store_reads_as_its_own(uploaded_pg):
+    neighbour = uploaded_pg.replace("ods=A12345", "ods=B82001")
+    url = uploaded_pg.split("?")[0]
+    both = frames.completion([uploaded_pg, neighbour])
+    assert list(both["store"]) == [uploaded_pg, neighbour]      # the URL, as it can be given
+    assert list(both["practice"]) == ["Synthetic practice A12345 (A12345)",
+                                      "Neighbour Surgery (B82001)"]
+    for row, where in zip(both.to_dict("records"), (uploaded_pg, neighbour)):
+        status = status_of(where)
+        assert {k: row[k] for k in status["counters"]} == status["counters"]
+        assert row["patients"] == sum(status["states"].values())
+    assert both["patients"].tolist() == [400, 60]
+
+    jobs = frames.jobs([uploaded_pg, neighbour])
+    assert jobs.groupby("practice", sort=False)["job_id"].apply(list).tolist() == [[1, 2], [1]]
+    assert frames.failures(neighbour).empty and frames.messages(neighbour)["current"].all()
+    assert len(frames.messages(uploaded_pg)) == jobs["to_send"].iloc[:2].sum()
+    # the practice named by the ods keyword's Location reads the same as by the one string
+    by_location = frames.failures(Location.of(url, ods="A12345"))
+    pd.testing.assert_frame_equal(by_location, frames.failures(uploaded_pg))
+
+    with pytest.raises(StoreError, match="name one with --ods"):
+        frames.jobs(url)
+
+
+def test_report_of_a_postgresql_practice_never_shows_the_password(uploaded_pg, tmp_path):
+    url = uploaded_pg.split("?")[0]
+    status = status_of(uploaded_pg)
+    # trust authentication: the server never asks for the password, so any one connects
+    secret = url.replace("postgresql://postgres@", "postgresql://postgres:s3cret-pw@")
+    path = write_report(secret, tmp_path / "reports", ods="A12345")
+    assert re.fullmatch(r"report-A12345-\d{8}T\d{6}Z\.html", path.name)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    text = path.read_text(encoding="utf-8")
+    c = status["counters"]
+    assert (f"<tr><td>{c['unprocessed']}</td><td>{c['sending']}</td><td>{c['sent']}</td>"
+            f"<td>{c['failed']}</td><td>{c['not_required']}</td></tr>") in text
+    assert "Synthetic practice A12345 (A12345)" in text and "Neighbour" not in text
+    assert '<img src="data:image/png;base64,' in text
+    assert re.search(r"<td>\d{3} \*\*\* \d{4}</td>", text)
+    assert "s3cret-pw" not in text and "postgres:***@" in text
+    assert list(frames.jobs(practice_url(secret, "A12345"))["store"].unique()) == [
+        practice_url(url.replace("postgres@", "postgres:***@"), "A12345")]
+    assert write_report(uploaded_pg, tmp_path / "again").name.startswith("report-A12345-")
+
+
+@pytest.mark.kernel
+def test_monitor_notebook_compares_practices_of_a_postgresql_store(uploaded_pg, tmp_path):
+    """The monitor's ``stores`` as one string each: postgresql://...?ods=CODE."""
+    neighbour = uploaded_pg.replace("ods=A12345", "ods=B82001")
+    papermill.execute_notebook(str(MONITOR), str(tmp_path / "pg.ipynb"),
+                               parameters={"stores": [uploaded_pg, neighbour]},
+                               kernel_name="python3", progress_bar=False)
+    executed = nbformat.read(tmp_path / "pg.ipynb", as_version=4)
+    outputs = [o for cell in executed.cells for o in cell.get("outputs", [])]
+    text = "\n".join(str(o.get("data", {}).get("text/html", "")) for o in outputs)
+    assert "Synthetic practice A12345 (A12345)" in text and "Neighbour Surgery (B82001)" in text
+    assert "30418" in text or "35160" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5
+    assert NHS_LIKE.search(IMAGE_DATA.sub("", CSV_DATA.sub("", text))) is None
