@@ -54,7 +54,7 @@ class Engine:
                  control: JobControl | None = None, tls: TlsSettings | None = None,
                  gate: SendGate | None = None):
         self.store, self.session, self.spine_url = store, session, spine_url
-        self.gate = gate   # a fleet's one rate limit, waited on before every POST
+        self.send_gate = gate   # a fleet's one rate limit, waited on before every POST
         self.tls = tls if tls is not None else TlsSettings.from_options()
         self.stop_detail: str | None = None   # the words of a 403 or TLS failure that stopped it
         self.practice_dir = Path(practice_dir)

@@ -162,10 +162,11 @@ class Pipeline:
 
     # --- work -----------------------------------------------------------------------------------
 
-    def build_batch(self, items: list[str | Work]) -> list[Work]:
+    async def build_batch(self, items: list[str | Work]) -> list[Work]:
         """Build new messages for the patients among ``items`` and store them all in one
-        transaction (ids committed before anything is sent); in-flight work passes through.
-        Only this batch's patients are read from the extract index."""
+        transaction (ids committed before anything is sent), on a thread of its own so the event
+        loop goes on sending and polling while it reaches the disk or the server; in-flight work
+        passes through. Only this batch's patients are read from the extract index."""
         works: list[Work] = []
         fresh: list[tuple[str, str, str, str | None, str, bytes]] = []
         batch = self.read_batch([item for item in items if not isinstance(item, Work)])
@@ -181,7 +182,8 @@ class Pipeline:
                           message.content_type, message.body))
             works.append(Work(item, message.message_id, message.event_id, message=message))
         if fresh:
-            self.store.queue_messages(self.job.id, self.job.chain_id, fresh)
+            await asyncio.to_thread(self.store.queue_messages, self.job.id, self.job.chain_id,
+                                    fresh)
         return works
 
     def read_batch(self, pkeys: list[str]) -> Batch:
@@ -277,9 +279,9 @@ class Pipeline:
         self.report(force=True)
         limiter = RateLimiter(self.options.rate_limit, clock=self.clock.monotonic,
                               sleep=self.clock.sleep) if self.options.rate_limit else None
-        if self.engine.gate is not None:   # a fleet's one rate limit, over this practice's own
+        if self.engine.send_gate is not None:   # a fleet's one rate limit, over this practice's own
             limiter = limiter or Pacer(clock=self.clock.monotonic, sleep=self.clock.sleep)
-            limiter.gate = self.engine.gate
+            limiter.gate = self.engine.send_gate
         client = self.engine.client_factory(
             self.engine.spine_url, self.engine.session, asid=self.options.sender_asid,
             rate_limiter=limiter, concurrency=self.options.concurrency,
@@ -468,7 +470,7 @@ class Pipeline:
         """Write deferred state changes a few times a second, so status readers see progress."""
         while True:
             await asyncio.sleep(FLUSH_SECONDS)
-            self.store.flush()
+            await asyncio.to_thread(self.store.flush)   # off the event loop
 
     async def supervise(self, producer: asyncio.Task, senders: list[asyncio.Task],
                         queue: asyncio.Queue, background: list[asyncio.Task]) -> None:
@@ -502,7 +504,7 @@ class Pipeline:
             batch = list(islice(plan, size))
             if not batch:
                 break
-            for work in self.build_batch(batch):
+            for work in await self.build_batch(batch):
                 self.progress.queued += 1
                 if work.poll_url:
                     self.track(work)

@@ -8,7 +8,9 @@ style of each driver (sqlite3, psycopg 3).
 
 Transactions are begun and ended by the store itself (``begin``, ``commit``, ``rollback``): on
 SQLite ``BEGIN IMMEDIATE``, so a writer holds the file from its first statement, as the kit always
-did; reads outside a transaction see the latest commit.
+did; reads outside a transaction see the latest commit. A job writes its state moves on a thread
+of its own, off the event loop: ``lock`` lets one thread at a time use the connection, and a
+transaction holds it from its BEGIN to its end.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import functools
 import hashlib
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,50 +185,60 @@ class Database:
             raise StoreError(f"{location.label}: the store cannot be opened "
                              f"({_reason(err)})") from None
         self.in_transaction = False
+        self.lock = threading.RLock()
 
     # --- statements -------------------------------------------------------------------------
 
     def execute(self, sql: str, args: Sequence | Mapping = ()) -> CursorResult:
-        return self.conn.execute(_statement(sql), _binds(args))
+        with self.lock:
+            return self.conn.execute(_statement(sql), _binds(args))
 
     def executemany(self, sql: str, rows: Iterable[Sequence]) -> int:
         """Run ``sql`` once for each row, as one batch; returns the rows it changed."""
         batch = [_binds(row) for row in rows]
         if not batch:
             return 0
-        return self.conn.execute(_statement(sql), batch).rowcount
+        with self.lock:
+            return self.conn.execute(_statement(sql), batch).rowcount
 
     def scalar(self, sql: str, args: Sequence | Mapping = ()) -> object:
-        return self.execute(sql, args).scalar()
+        with self.lock:
+            return self.execute(sql, args).scalar()
 
     def rows(self, sql: str, args: Sequence | Mapping = ()) -> list[tuple]:
-        return [tuple(row) for row in self.execute(sql, args)]
+        with self.lock:
+            return [tuple(row) for row in self.execute(sql, args)]
 
     def pairs(self, sql: str, args: Sequence | Mapping = ()) -> dict:
         """A query of two columns as {first: second}."""
-        return {row[0]: row[1] for row in self.execute(sql, args)}
+        with self.lock:
+            return {row[0]: row[1] for row in self.execute(sql, args)}
 
     def record(self, sql: str, args: Sequence | Mapping = ()) -> dict | None:
         """The first row as {column: value}, or None."""
-        row = self.execute(sql, args).mappings().first()
+        with self.lock:
+            row = self.execute(sql, args).mappings().first()
         return dict(row) if row is not None else None
 
     # --- transactions -----------------------------------------------------------------------
 
     def begin(self) -> None:
-        self.conn.exec_driver_sql("BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN")
-        self.in_transaction = True
+        with self.lock:
+            self.conn.exec_driver_sql("BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN")
+            self.in_transaction = True
 
     def commit(self) -> None:
-        self.conn.exec_driver_sql("COMMIT")
-        self.in_transaction = False
+        with self.lock:
+            self.conn.exec_driver_sql("COMMIT")
+            self.in_transaction = False
 
     def rollback(self) -> None:
-        try:
-            self.conn.exec_driver_sql("ROLLBACK")
-        except DBAPIError:
-            pass   # nothing was begun (a COMMIT that failed on SQLite may end it already)
-        self.in_transaction = False
+        with self.lock:
+            try:
+                self.conn.exec_driver_sql("ROLLBACK")
+            except DBAPIError:
+                pass   # nothing was begun (a COMMIT that failed on SQLite may end it already)
+            self.in_transaction = False
 
     def close(self) -> None:
         try:

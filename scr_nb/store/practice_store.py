@@ -10,6 +10,7 @@ Every statement names the practice (``ods = ?``), the first column of every key.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -157,6 +158,9 @@ class Store:
         self._attempts: list[tuple] = []
         self._attempt_id: int | None = None   # the last attempt's id, once read
         self._moves: dict[str, _Moves] = {}   # deferred, by message id
+        # The deferred moves and attempts are noted on the event loop's thread and written on the
+        # job's store thread: this guards the handing over.
+        self._pending = threading.RLock()
         # message id -> pkey of the messages queued here whose moves may still come, so deferred
         # moves know their patient without reading the store
         self._pkeys: dict[str, str] = {}
@@ -220,12 +224,17 @@ class Store:
         is never sent. ``deferred_first=False`` leaves the deferred items for a later
         transaction; only for work that no deferred move can meet, so the order does not
         matter, and the moves of one message, kept longer, collapse into fewer writes."""
+        with self.db.lock:   # the connection is this thread's until the transaction ends
+            yield from self._transaction(deferred_first)
+
+    def _transaction(self, deferred_first: bool) -> Iterator[Database]:
         self.db.begin()
         attempts: list[tuple] = []
         moves: dict[str, _Moves] = {}
         if deferred_first:
-            attempts, self._attempts = self._attempts, []
-            moves, self._moves = self._moves, {}
+            with self._pending:
+                attempts, self._attempts = self._attempts, []
+                moves, self._moves = self._moves, {}
         deferred_written = False
         try:
             last_attempt = self._attempt_id
@@ -242,11 +251,12 @@ class Store:
             if attempts:
                 self._attempt_id = last_attempt
             if deferred_written or isinstance(err, DatabaseError):
-                self._attempts[:0] = attempts                # kept for the next one
-                if moves:
-                    later, self._moves = self._moves, moves
-                    for message_id, move in later.items():
-                        self._defer(message_id, move)
+                with self._pending:
+                    self._attempts[:0] = attempts                # kept for the next one
+                    if moves:
+                        later, self._moves = self._moves, moves
+                        for message_id, move in later.items():
+                            self._defer(message_id, move)
             # else a deferred move broke the state table: it would break every later transaction,
             # so the deferred items go (Resume re-sends those ids; the Spine answers duplicates)
             if isinstance(err, DatabaseError):
@@ -644,8 +654,9 @@ class Store:
 
     def _defer(self, message_id: str, move: _Moves) -> None:
         """Keep ``move`` to be written after the message's moves deferred before it."""
-        earlier = self._moves.get(message_id)
-        self._moves[message_id] = move if earlier is None else earlier.then(move)
+        with self._pending:
+            earlier = self._moves.get(message_id)
+            self._moves[message_id] = move if earlier is None else earlier.then(move)
 
     def _write_moves(self, db: Database, moves: dict[str, _Moves]) -> None:
         """Write the deferred moves, each message's collapsed into one row: the patients and their
