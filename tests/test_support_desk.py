@@ -1,5 +1,7 @@
 """The support engineer's desk over a store with real failures, made by real jobs against the
-simulator on loopback: what failed and why, one patient's timeline and XML, and reprocessing."""
+simulator on loopback: what failed and why, one patient's timeline and XML, and reprocessing. Every
+test runs on an SQLite file and on a PostgreSQL database that holds another practice's failures
+beside the one investigated."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from scr_nb.job.engine import Engine
 from scr_nb.job.options import JobOptions
 from scr_nb.sim.synth import write_practice
 from scr_nb.spine import session as sessions
+from scr_nb.store.database import practice_url
 from scr_nb.store.practice_store import Store
 from scr_nb.store.states import Mode
 from scr_nb.ui.support_desk import (
@@ -51,13 +54,26 @@ def small_practice(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def neighbour_practice(tmp_path_factory) -> Path:
+    """Another practice, B82001, whose patient ids are the same as ``small_practice``'s."""
+    out = tmp_path_factory.mktemp("neighbour") / "practice"
+    write_practice(out, 40, seed=5, ods_code="B82001", name="Neighbour Surgery")
+    return out
+
+
 @dataclass
 class Failures:
-    store: Path
+    store: Path | str      # an SQLite file, or postgresql://...?ods=A12345
     practice: Path
     unknown: list          # eligible patients the Spine does not know: AE 30312 in job 1
     rejected: list         # two of them, sent again by job 2 and rejected with 35160
     acknowledged: object   # a patient the Spine took
+
+
+def eligible_patients(practice: Path) -> list:
+    return [d.patient for d in decide(load_practice(practice, today=date.today()),
+                                      Policy(today=date.today())) if d.eligible]
 
 
 def run(store_path, session, spine, practice, mode, **options):
@@ -69,17 +85,29 @@ def run(store_path, session, spine, practice, mode, **options):
         store.close()
 
 
-@pytest.fixture
-def failures(tmp_path, spine, admin_session, small_practice) -> Failures:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def failures(request, tmp_path, spine, admin_session, small_practice,
+             neighbour_practice) -> Failures:
     """Job 1 (Run) fails four patients unknown to the Spine with AE 30312; support puts two of
     them in a group and job 2 (Failed over it) fails those again, now with 35160. The Spine
-    still does not know the four when the fixture ends."""
-    eligible = [d.patient for d in decide(load_practice(small_practice, today=date.today()),
-                                          Policy(today=date.today())) if d.eligible]
+    still does not know the four when the fixture ends. In PostgreSQL the practice (A12345)
+    shares its database with B82001, whose own job 1 failed three other patients with 30312."""
+    eligible = eligible_patients(small_practice)
     unknown, acknowledged = eligible[:4], eligible[10]
     config = spine.simulator.config
+    if request.param == "sqlite":
+        path = tmp_path / "practice.sqlite"
+    else:
+        url = request.getfixturevalue("pg_url")
+        path = practice_url(url, "A12345")
+        ours = {p.patient_id for p in eligible[:11]}
+        theirs = [p for p in eligible_patients(neighbour_practice) if p.patient_id not in ours][:3]
+        config.unknown_nhs_numbers.update(p.nhs_number for p in theirs)
+        neighbour = practice_url(url, "B82001")
+        assert run(neighbour, admin_session, spine, neighbour_practice, "run").completed
+        config.unknown_nhs_numbers.clear()
+        assert ids(failed_patients(neighbour)) == {p.patient_id for p in theirs}
     config.unknown_nhs_numbers.update(p.nhs_number for p in unknown)
-    path = tmp_path / "practice.sqlite"
     assert run(path, admin_session, spine, small_practice, "run").completed
     store = Store(path)
     store.add_to_group(SECOND_LOOK, [p.patient_id for p in unknown[2:]])
