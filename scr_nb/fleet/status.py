@@ -2,15 +2,17 @@
 PostgreSQL store (``--store URL``) or a folder of SQLite stores (``--stores DIR``), alongside the
 jobs that are writing to them.
 
-Each practice is read with its own read-only ``Store`` and its ``status()``, so a practice here
-says what ``scr-nb status`` says of it. A practice whose store cannot be read is listed with an
-``error``, never left out: an operator watching hundreds of practices must see the one that is
-broken. Its ``status`` is a word an operator expects (``running``, ``paused``, ``interrupted``,
-...), not the job table's raw value.
+A practice here says what ``scr-nb status`` says of it: each SQLite store is read with its own
+read-only ``Store`` and its ``status()``; a PostgreSQL store is read whole, a statement per figure
+for every practice (``store.fleet_queries``), instead of a connection per practice. A practice
+whose store cannot be read is listed with an ``error``, never left out: an operator watching
+hundreds of practices must see the one that is broken. Its ``status`` is a word an operator
+expects (``running``, ``paused``, ``interrupted``, ...), not the job table's raw value.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Callable
@@ -20,15 +22,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from scr_nb.errors import StoreError
-from scr_nb.store import queries
-from scr_nb.store.database import DatabaseError, Location, is_database_url, practice_url
-from scr_nb.store.practice_store import Store
-from scr_nb.store.states import JobStatus
+from scr_nb.store import fleet_queries, queries
+from scr_nb.store.database import (DatabaseError, Location, is_database_url, practice_lock_key,
+                                   practice_url)
+from scr_nb.store.practice_store import Job, Store
+from scr_nb.store.schema import open_database
+from scr_nb.store.states import JobStatus, PatientState, counters
 
 SQLITE_SUFFIX = ".sqlite"   # a practice's store in --stores DIR is DIR/<ODS>.sqlite
 READERS = 8                 # stores read at once: each read mostly waits on its database
 
-# A practice's status in an operator's words: the job statuses as they are, and three of the fleet's.
+# A practice's status in an operator's words: the job statuses as they are, and the fleet's own.
 RUNNING = JobStatus.RUNNING.value
 PAUSED = JobStatus.PAUSED.value
 STOPPED = JobStatus.STOPPED.value
@@ -48,8 +52,8 @@ class PracticeReading:
     """One practice's store as read at ``read_at``. ``counters``, ``latest_job`` and
     ``failed_by_code`` are ``Store.status()``'s. When the details were asked for, ``eligible``
     counts the patients eligible by the extract (those the Spine already held included) and
-    ``latest_job_counts`` the latest job's own messages (queued, transmitted, acknowledged,
-    failed). A store that could not be read has ``error`` set and nothing else."""
+    ``latest_job_counts`` the latest job's own messages (transmitted, acknowledged, failed). A
+    store that could not be read has ``error`` set and nothing else."""
 
     ods_code: str
     status: str
@@ -104,6 +108,8 @@ def read_fleet(store: str | None = None, stores_dir: str | os.PathLike | None = 
     cannot be read."""
     stores = practice_stores(store, stores_dir)
     host = socket.gethostname()
+    if store:
+        return read_database(store, sorted(stores), details=details, now=now, host=host)
 
     def read(item: tuple[str, str]) -> PracticeReading:
         return read_practice(item[0], item[1], details=details, now=now, host=host)
@@ -168,6 +174,39 @@ def read_practice(ods_code: str, store: str, *, details: bool = False,
         latest_job_counts=counts)
 
 
+def read_database(url: str, codes: list[str], *, details: bool = False,
+                  now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                  host: str | None = None) -> list[PracticeReading]:
+    """The practices ``codes`` of the PostgreSQL store at ``url``, from one snapshot of it."""
+    location = Location.of(url, codes[0] if codes else "-")
+    db = open_database(location, readonly=True)
+    try:
+        figures = fleet_queries.read_figures(db, details=details)
+    except DatabaseError as err:
+        raise StoreError(f"{location.label}: the fleet could not be read "
+                         f"({_database_words(err)})") from None
+    finally:
+        db.close()
+    read_at = now()
+    readings = []
+    for ods in codes:
+        states = {state.value: 0 for state in PatientState}
+        states.update(figures.states.get(ods, {}))
+        row = figures.latest_jobs.get(ods)
+        latest = None if row is None else Job(
+            *row[:10], json.loads(row[10] or "{}"), json.loads(row[11] or "{}")).to_json()
+        holder = figures.lock_rows.get(ods)
+        if practice_lock_key(ods) not in figures.advisory_locks:
+            holder = None   # the row of a job whose connection is gone: its lock went with it
+        readings.append(PracticeReading(
+            ods, practice_status(latest, holder, host), read_at, counters=counters(states),
+            latest_job=latest, failed_by_code=figures.failed_by_code.get(ods, {}),
+            running=holder, eligible=figures.eligible.get(ods, 0) if details else None,
+            latest_job_counts=(figures.latest_job_counts.get(ods, {})
+                               if details and latest is not None else None)))
+    return readings
+
+
 def practice_status(latest_job: dict | None, holder: dict | None,
                     host: str | None = None) -> str:
     """The practice's status in an operator's words, from its latest job and the lock's holder.
@@ -206,10 +245,16 @@ def _why(err: Exception) -> str:
     if isinstance(err, StoreError):
         return str(err)
     if isinstance(err, DatabaseError):
-        words = str(getattr(err, "orig", None) or err).strip().splitlines()
-        return f"the store could not be read: {words[0] if words else type(err).__name__}"
+        return f"the store could not be read: {_database_words(err)}"
     return f"the store could not be read: {type(err).__name__}: {err}"
 
 
+def _database_words(err: Exception) -> str:
+    """The database's own words, its first line only (no statement, no parameters)."""
+    words = str(getattr(err, "orig", None) or err).strip().splitlines()
+    return words[0] if words else type(err).__name__
+
+
 __all__ = ["COUNTERS", "STATUSES", "PracticeReading", "fleet_status", "holder_alive",
-           "practice_status", "practice_stores", "read_fleet", "read_practice", "totals"]
+           "practice_status", "practice_stores", "read_database", "read_fleet", "read_practice",
+           "totals"]

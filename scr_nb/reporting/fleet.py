@@ -97,10 +97,11 @@ def errors_by_code(readings: list[PracticeReading]) -> pd.DataFrame:
             if count:
                 patients[str(code)] += int(count)
                 where.setdefault(str(code), Counter())[reading.ods_code] += int(count)
+    most_first = lambda item: (-item[1], item[0])  # noqa: E731 - then by code or ODS code
     rows = [{"code": code, "meaning": explain(code), "patients": count,
              "practices": len(where[code]),
-             "most_affected": sorted(where[code].items(), key=lambda item: (-item[1], item[0]))[0][0]}
-            for code, count in sorted(patients.items(), key=lambda item: (-item[1], item[0]))]
+             "most_affected": sorted(where[code].items(), key=most_first)[0][0]}
+            for code, count in sorted(patients.items(), key=most_first)]
     return _frame(rows, ERROR_COLUMNS)
 
 
