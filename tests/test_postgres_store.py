@@ -165,3 +165,13 @@ def test_kill_9_then_resume_on_postgresql_sends_each_summary_once(practice, tmp_
             "WHERE i.indisprimary AND t.relnamespace = 'public'::regnamespace "
             "AND t.relname NOT IN ('meta', 'fleet_rate')").fetchall()
     assert len(keys) == 9 and all(column == "ods" for _, column in keys), keys
+
+
+def test_a_database_of_a_newer_kit_is_refused_not_changed(pg_url):
+    Store(pg_url, "A12345").close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+    with pytest.raises(StoreError, match="schema 99 is not 6; use the scr-nb version"):
+        Store(pg_url, "A12345")
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT value FROM meta").fetchall() == [("99",)]

@@ -119,8 +119,22 @@ def test_an_older_store_is_walked_up_to_the_current_schema(tmp_path):
         assert opened.db.scalar("SELECT value FROM meta WHERE key = 'schema'") == SCHEMA_VERSION
         columns = [r[1] for r in opened.db.rows("PRAGMA table_info(job_lock)")]
         assert columns[0] == "ods" and {"started", "beat"} <= set(columns)
+        assert opened.ods == ""           # an older store knows no practice yet
     finally:
         opened.close()
+    db = sqlite3.connect(path)            # a patient of before, under no practice
+    db.execute("INSERT INTO patients (ods, pkey, patient_id, nhs_number, source_row, state, "
+               "updated_at) VALUES ('', 'P1', 'P1', '9990000018', 2, 'unprocessed', 'then')")
+    db.commit()
+    db.close()
+    named = Store(path, "a12345")         # the first job that knows the practice names it
+    try:
+        assert named.ods == "A12345" and named.patient("P1")["ods"] == "A12345"
+    finally:
+        named.close()
+    assert Store(path, readonly=True).ods == "A12345"
+    with pytest.raises(StoreError, match="holds practice A12345, not B99999"):
+        Store(path, "B99999")
 
 
 # --- the lock -----------------------------------------------------------------------------------

@@ -273,11 +273,15 @@ _CREATE_LOCK = 7_224_310_512   # "scr-nb schema", an advisory lock key of this k
 
 
 def _migrate(db: Database, version: str) -> str:
-    """Walk an SQLite store up to SCHEMA_VERSION, one step a transaction."""
+    """Walk a store up to SCHEMA_VERSION, one step a transaction (a PostgreSQL store starts at
+    6; the steps before are SQLite's). On PostgreSQL the step waits on the same advisory lock as
+    a creation, so of several workers opening an older database one walks it."""
     while version != SCHEMA_VERSION and str(int(version) + 1) in MIGRATIONS:
         step = str(int(version) + 1)
         db.begin()
         try:
+            if db.dialect == "postgresql":
+                db.execute("SELECT pg_advisory_xact_lock(?)", (_CREATE_LOCK,))
             if _schema_version(db) == version:   # another process may have walked it meanwhile
                 if step == "6":
                     _to_practice_keys(db)
@@ -317,7 +321,7 @@ def open_database(location: Location, readonly: bool = False) -> Database:
             if version is None:
                 _create(db)
                 version = _schema_version(db)
-            elif version.isdigit() and db.dialect == "sqlite":
+            elif version.isdigit():
                 version = _migrate(db, version)
         _check_version(location.label, version)
     except DatabaseError as err:
