@@ -457,6 +457,11 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 # --- the parser -------------------------------------------------------------------------------------
 
+STORE_HELP = "the practice's store: an SQLite file, or a postgresql:// URL with --ods"
+ODS_HELP = ("the practice's ODS code, naming it in a PostgreSQL store (an SQLite store holds one "
+            "practice)")
+
+
 def build_parser(parsing: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; given the command about to be parsed (``parsing``), one that leaves out the
     simulator's switches unless it is ``spine-sim``: importing the simulator (aiohttp's server,
@@ -521,7 +526,7 @@ def build_parser(parsing: str | None = None) -> argparse.ArgumentParser:
     p = command("upload", cmd_upload, "run an upload job")
     p.add_argument("mode", choices=[m.value for m in Mode])
     p.add_argument("--practice", **practice)
-    p.add_argument("--store", required=True, help="the practice's store: an SQLite file, or a postgresql:// URL with --ods")
+    p.add_argument("--store", required=True, help=STORE_HELP)
     p.add_argument("--spine", required=True, help="Spine base URL")
     p.add_argument("--session", required=True, help="session file from scr-nb login")
     add_job_options(p)
@@ -536,7 +541,7 @@ def build_parser(parsing: str | None = None) -> argparse.ArgumentParser:
 
     p = command("scheduled", cmd_scheduled, "run the scheduled-upload notebook with papermill")
     p.add_argument("--practice", **practice)
-    p.add_argument("--store", required=True, help="the practice's store: an SQLite file, or a postgresql:// URL with --ods")
+    p.add_argument("--store", required=True, help=STORE_HELP)
     p.add_argument("--spine", required=True, help="Spine base URL")
     p.add_argument("--session", required=True, help="session file from scr-nb login")
     p.add_argument("--ods", default=None, help=ODS_HELP)
@@ -558,38 +563,37 @@ def build_parser(parsing: str | None = None) -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--close", action="store_true", help="Stop and Close")
     which.add_argument("--cancel", action="store_true", help="Cancel")
-    p.add_argument("--store", required=True, help="the practice's store: an SQLite file, or a postgresql:// URL with --ods")
+    p.add_argument("--store", required=True, help=STORE_HELP)
     p.add_argument("--ods", default=None, help=ODS_HELP)
     p.add_argument("--session", help="who asks (default: this machine's account)")
     p.add_argument("--wait", type=float, default=900.0,
                    help="seconds to wait for the job to stop (default 900)")
 
     p = command("break-lock", cmd_break_lock, "remove the lock of a job that is gone")
-    p.add_argument("--store", required=True, help="the practice's store: an SQLite file, or a postgresql:// URL with --ods")
+    p.add_argument("--store", required=True, help=STORE_HELP)
     p.add_argument("--ods", default=None, help=ODS_HELP)
     p.add_argument("--session", help="who breaks it (default: this machine's account)")
 
     p = command("report", cmd_report, "an HTML report of a store")
-    p.add_argument("--store", required=True, help="the practice's store: an SQLite file, or a postgresql:// URL with --ods")
+    p.add_argument("--store", required=True, help=STORE_HELP)
     p.add_argument("--ods", default=None, help=ODS_HELP)
     p.add_argument("--out", default="reports", help="directory to write to (default reports/)")
     p.add_argument("--show-nhs-numbers", action="store_true",
                    help="for support use only: show NHS numbers in full")
 
     p = command("status", cmd_status, "state of a store")
-    p.add_argument("--store", required=True, help="the practice's store: an SQLite file, or a postgresql:// URL with --ods")
+    p.add_argument("--store", required=True, help=STORE_HELP)
     p.add_argument("--ods", default=None, help=ODS_HELP)
     p.add_argument("--json", action="store_true")
 
     p = command("log", cmd_log, "the practice log")
-    p.add_argument("--store", required=True, help="the practice's store: an SQLite file, or a postgresql:// URL with --ods")
+    p.add_argument("--store", required=True, help=STORE_HELP)
     p.add_argument("--ods", default=None, help=ODS_HELP)
     p.add_argument("--json", action="store_true")
+
+    from scr_nb.ui.fleet_cli import add_fleet_parser   # many practices at once (SPEC 12)
+    add_fleet_parser(sub)
     return parser
-
-
-ODS_HELP = ("the practice's ODS code, naming it in a PostgreSQL store (an SQLite store holds one "
-            "practice)")
 
 
 def _check_connection_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
