@@ -10,17 +10,19 @@ import re
 import shutil
 import socket
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import papermill
 import pytest
 
 from scr_nb.constants import explain
 from scr_nb.errors import StoreError
 from scr_nb.fleet.status import (COUNTERS, INTERRUPTED, NOT_STARTED, PAUSED, RUNNING, STARTING,
-                                 UNREADABLE, fleet_status, practice_status, read_fleet)
+                                 UNREADABLE, PracticeReading, fleet_status, practice_status,
+                                 read_fleet)
 from scr_nb.job.options import JobOptions
 from scr_nb.job.runner import run_upload
 from scr_nb.reporting import fleet
@@ -271,6 +273,35 @@ def test_errors_by_code_progress_and_the_slowest_across_practices(stores_dir):
         assert ods in page
     assert page.count("data:image/png;base64,") == 2
     assert NHS_LIKE.search(EMBEDDED.sub("", page)) is None
+
+
+def test_the_pace_of_each_practice_and_the_slowest_first():
+    """Messages a second of the latest job: finished messages over the seconds from its start to
+    its end, or to the reading while it runs; the time to finish only while it runs."""
+    read_at = datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)
+
+    def reading(ods, status, seconds, finished, remaining, ended_after=None):
+        started = read_at - timedelta(seconds=seconds)
+        job = {"id": 3, "mode": "resume", "status": "running" if status != "completed" else status,
+               "started_at": started.isoformat(),
+               "ended_at": (started + timedelta(seconds=ended_after)).isoformat()
+               if ended_after else None}
+        return PracticeReading(ods, status, read_at, latest_job=job,
+                               counters={"unprocessed": remaining, "sending": 0, "sent": finished,
+                                         "failed": 0, "not_required": 0},
+                               latest_job_counts={"acknowledged": finished - min(finished, 1),
+                                                  "failed": min(finished, 1)})
+
+    readings = [reading("F1", RUNNING, 100, 50, 100), reading("S2", RUNNING, 400, 40, 10),
+                reading("I3", INTERRUPTED, 1000, 100, 30), reading("Z4", RUNNING, 10, 0, 5),
+                reading("D5", "completed", 1000, 60, 0, ended_after=30)]
+    rates = fleet.rates(readings).set_index("ods_code")
+    assert rates.loc["F1", "messages_per_s"] == 0.5 and rates.loc["F1", "eta_s"] == 200
+    assert rates.loc["S2", "messages_per_s"] == 0.1 and rates.loc["S2", "eta_s"] == 100
+    assert rates.loc["I3", "messages_per_s"] == 0.1 and pd.isna(rates.loc["I3", "eta_s"])
+    assert rates.loc["D5", "messages_per_s"] == 2 and rates.loc["D5", "elapsed_s"] == 30
+    assert list(fleet.slowest(readings)["ods_code"]) == ["Z4", "I3", "S2", "F1"]
+    assert list(fleet.slowest(readings, count=2)["ods_code"]) == ["Z4", "I3"]
 
 
 def run_notebook(tmp_path: Path, name: str, **parameters) -> str:

@@ -27,7 +27,7 @@ from scr_nb.constants import explain
 from scr_nb.fleet.status import (COUNTERS, STATUSES, UNREADABLE, PracticeReading, read_fleet,
                                  totals)
 from scr_nb.reporting.monitor import readable, show
-from scr_nb.store.words import VISION_COUNTERS
+from scr_nb.store.words import REASON_WORDS, VISION_COUNTERS, words
 
 TEXT = "object"
 FIGURE_WIDTH = 12.8         # inches at 100 dpi: 1280 px, the width a monitor is read at
@@ -40,7 +40,7 @@ NOTHING_TO_MONITOR = ("Nothing to monitor: set <code>store</code> to the fleet's
                       "<code>postgresql://</code> URL, or <code>stores_dir</code> to its folder of "
                       "<code>&lt;ODS&gt;.sqlite</code> stores (one of them, not both).")
 
-PROGRESS_COLUMNS = {"ods_code": TEXT, "status": TEXT, "eligible": "Int64",
+PROGRESS_COLUMNS = {"ods_code": TEXT, "status": TEXT, "reason": TEXT, "eligible": "Int64",
                     "acknowledged": "Int64", "failed": "Int64", "remaining": "Int64",
                     "done": "float64", "success_rate": "float64", "error": TEXT}
 ERROR_COLUMNS = {"code": TEXT, "meaning": TEXT, "patients": "int64", "practices": "int64",
@@ -58,7 +58,8 @@ def _frame(rows: list[dict], columns: dict[str, str]) -> pd.DataFrame:
 # --- frames ---------------------------------------------------------------------------------------
 
 def progress(readings: list[PracticeReading]) -> pd.DataFrame:
-    """One row per practice. ``eligible``: patients eligible by the extract (those the Spine
+    """One row per practice, with its status and the reason its latest job gave for ending (a
+    stop time, a session ended...). ``eligible``: patients eligible by the extract (those the Spine
     already held included); ``remaining``: eligible patients not yet acknowledged or failed
     (Unprocessed + Sending); ``done``: the share of the eligible no longer remaining;
     ``success_rate``: acknowledged / (acknowledged + failed), empty before any outcome. A
@@ -77,7 +78,7 @@ def progress(readings: list[PracticeReading]) -> pd.DataFrame:
             eligible = acknowledged + failed + remaining
         eligible = max(eligible, remaining)
         rows.append({"ods_code": reading.ods_code, "status": reading.status,
-                     "eligible": eligible, "acknowledged": acknowledged, "failed": failed,
+                     "reason": (reading.latest_job or {}).get("reason"), "eligible": eligible, "acknowledged": acknowledged, "failed": failed,
                      "remaining": remaining,
                      "done": (eligible - remaining) / eligible if eligible else math.nan,
                      "success_rate": (acknowledged / (acknowledged + failed)
@@ -247,10 +248,16 @@ def png(figure: Figure) -> str:
 def progress_table(frame: pd.DataFrame) -> pd.DataFrame:
     shown = frame.assign(done=frame["done"].map(_percent),
                          success_rate=frame["success_rate"].map(_percent))
-    return readable(shown, {"ods_code": "Practice", "status": "Status", "eligible": "Eligible",
-                            "acknowledged": "Acknowledged", "failed": "Failed",
-                            "remaining": "Remaining", "done": "Done",
-                            "success_rate": "Success rate", "error": "Error"})
+    shown["reason"] = [words(reason, REASON_WORDS) if isinstance(reason, str) else None
+                       for reason in shown["reason"]]
+    columns = {"ods_code": "Practice", "status": "Status", "reason": "Why it ended",
+               "eligible": "Eligible", "acknowledged": "Acknowledged", "failed": "Failed",
+               "remaining": "Remaining", "done": "Done", "success_rate": "Success rate",
+               "error": "Error"}
+    for name in ("reason", "error"):   # shown only when some practice has one
+        if shown[name].isna().all():
+            del columns[name]
+    return readable(shown, columns)
 
 
 def errors_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -286,7 +293,7 @@ def render(readings: list[PracticeReading], read_at: datetime | None = None) -> 
     code, the slowest practices, and the two figures."""
     read_at = read_at or max((r.read_at for r in readings), default=datetime.now(timezone.utc))
     states = Counter(r.status for r in readings)
-    said = ", ".join(f"{states[s]} {s}" for s in STATUSES if states[s]) or "no practices"
+    said = ", ".join(f"{states[s]} {s}" for s in STATUSES if states[s]) or "No practices"
     summed = totals(readings)
     counters = pd.DataFrame([[summed[key] for key in COUNTERS]],
                             columns=[label for label, _ in VISION_COUNTERS])
