@@ -78,8 +78,8 @@ def progress(readings: list[PracticeReading]) -> pd.DataFrame:
             eligible = acknowledged + failed + remaining
         eligible = max(eligible, remaining)
         rows.append({"ods_code": reading.ods_code, "status": reading.status,
-                     "reason": (reading.latest_job or {}).get("reason"), "eligible": eligible, "acknowledged": acknowledged, "failed": failed,
-                     "remaining": remaining,
+                     "reason": (reading.latest_job or {}).get("reason"), "eligible": eligible,
+                     "acknowledged": acknowledged, "failed": failed, "remaining": remaining,
                      "done": (eligible - remaining) / eligible if eligible else math.nan,
                      "success_rate": (acknowledged / (acknowledged + failed)
                                       if acknowledged + failed else math.nan),
