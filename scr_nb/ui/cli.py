@@ -76,7 +76,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from scr_nb.sim.synth import write_practice
 
     today = date.fromisoformat(args.today) if args.today else None
-    summary = write_practice(args.out, args.patients, args.seed, today=today)
+    summary = write_practice(args.out, args.patients, args.seed, today=today,
+                             ods_code=args.ods)
     eligible = summary.expected_eligible
     print(f"Wrote {summary.patients} patients to {args.out} ({eligible} expected eligible)")
     return EXIT_OK
@@ -480,6 +481,8 @@ def build_parser(parsing: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--today", help="date the extract is written relative to (YYYY-MM-DD)")
+    p.add_argument("--ods", default="A12345",
+                   help="the practice's ODS code in practice.json (default A12345)")
 
     p = command("spine-sim", cmd_spine_sim, "run the Spine simulator")
     p.add_argument("--host", default="127.0.0.1")
