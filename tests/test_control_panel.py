@@ -201,3 +201,39 @@ def test_scr_nb_stop_reaches_a_job_started_from_a_panel(practice, tmp_path, spin
     wait(panel)
     assert panel.outcome.job["status"] == "paused" and panel.outcome.exit_code == 4
     panel.close()
+
+
+def test_panels_on_the_practices_of_a_postgresql_store(practice, tmp_path, spine, pg_url, today):
+    """A panel names its practice in a PostgreSQL store by ``ods`` or inside the URL; each
+    practice's panel shows that practice alone."""
+    from scr_nb.store.database import practice_url
+    from scr_nb.ui.control_panel import counters_table
+
+    session_file = logged_in(spine, tmp_path)
+    panel = ControlPanel(str(practice), pg_url, spine.url, str(session_file), live=False,
+                         ods="A12345")
+    assert f"{pg_url} practice A12345" in panel.title.value
+    assert not panel.mode_buttons["Run"].disabled and panel.mode_buttons["Resume"].disabled
+    panel.mode_buttons["Run"].click()
+    panel.ok.click()
+    wait(panel)
+    assert panel.outcome.exit_code == 0, panel.outcome.message
+    assert set(held(spine)) == eligible_numbers(practice, today)
+    assert panel.progress.value == panel.progress.max > 1
+
+    again = ControlPanel(str(practice), practice_url(pg_url, "A12345"), spine.url,
+                         str(session_file), live=False)
+    assert again.counters.value == panel.counters.value != counters_table({})
+    assert "already run to completion" in again.mode_buttons["Run"].tooltip
+    assert not again.mode_buttons["Rerun"].disabled and again.ok_reason.value
+
+    other = ControlPanel(str(practice), pg_url, spine.url, str(session_file), live=False,
+                         ods="B82001")
+    assert other.counters.value == counters_table({})
+    assert not other.mode_buttons["Run"].disabled
+    assert other.mode_buttons["Resume"].disabled and other.mode_buttons["Failed"].disabled
+
+    nameless = ControlPanel(str(practice), pg_url, spine.url, str(session_file), live=False)
+    assert "No store" in nameless.mode_message.value and "--ods" in nameless.mode_message.value
+    assert all(b.disabled for b in nameless.mode_buttons.values())
+    assert nameless.ok.disabled

@@ -104,3 +104,23 @@ def test_scheduled_passes_the_tls_options_to_the_notebook(practice, tmp_path, sp
     assert set(held(spine)) == eligible_numbers(practice, today)
     notebook = (the_report(tmp_path) / "scheduled_upload.ipynb").read_text(encoding="utf-8")
     assert f'client_cert = \\"{pki.client_cert}\\"' in notebook
+
+
+def test_a_scheduled_run_on_a_postgresql_store_files_its_report_under_the_ods_code(
+        practice, tmp_path, spine, pg_url, monkeypatch, today):
+    """The notebook's ``store`` as one string, postgresql://...?ods=A12345."""
+    from scr_nb.store.database import practice_url
+    from scr_nb.ui.scheduled import report_folder, run_scheduled
+
+    session = login(spine, ADMIN, tmp_path, monkeypatch)
+    one_string = practice_url(pg_url, "A12345")
+    code, folder = run_scheduled({"practice": str(practice), "store": one_string,
+                                  "spine": spine.url, "session": str(session), "mode": "run"},
+                                 tmp_path / "reports")
+    assert code == 0
+    assert set(held(spine)) == eligible_numbers(practice, today)
+    assert folder.parent == tmp_path / "reports" / "A12345"
+    html = (folder / "scheduled_upload.html").read_text(encoding="utf-8")
+    assert "Completion statistics" in html and "data:image/png;base64," in html
+    assert f"{pg_url} practice A12345" in html and "Completed" in html
+    assert report_folder(tmp_path / "r", pg_url, "A12345").parent.name == "A12345"
