@@ -245,6 +245,8 @@ def _schema_version(db: Database) -> str | None:
 
 
 def _check_version(label: str, version: str | None) -> None:
+    if version is None:
+        raise StoreError(f"{label}: no scr-nb store here yet (no upload has written to it)")
     if version != SCHEMA_VERSION:
         raise StoreError(f"{label}: store schema {version} is not {SCHEMA_VERSION}; "
                          "use the scr-nb version that wrote it")
