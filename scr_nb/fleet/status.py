@@ -24,7 +24,7 @@ from pathlib import Path
 from scr_nb.errors import StoreError
 from scr_nb.store import fleet_queries, queries
 from scr_nb.store.database import (DatabaseError, Location, is_database_url, practice_lock_key,
-                                   practice_url)
+                                   practice_url, redact)
 from scr_nb.store.practice_store import Job, Store
 from scr_nb.store.schema import open_database
 from scr_nb.store.states import JobStatus, PatientState, counters
@@ -183,7 +183,7 @@ def read_database(url: str, codes: list[str], *, details: bool = False,
     try:
         figures = fleet_queries.read_figures(db, details=details)
     except DatabaseError as err:
-        raise StoreError(f"{location.label}: the fleet could not be read "
+        raise StoreError(f"{redact(url)}: the fleet could not be read "
                          f"({_database_words(err)})") from None
     finally:
         db.close()
