@@ -51,8 +51,8 @@ RATE_COLUMNS = {"ods_code": TEXT, "status": TEXT, "job_id": "Int64", "mode": TEX
 
 
 def _frame(rows: list[dict], columns: dict[str, str]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows, columns=list(columns))
-    return frame.astype(columns) if not frame.empty else frame.astype(columns, errors="ignore")
+    """The rows as a frame of the given columns and types (an empty one typed too)."""
+    return pd.DataFrame(rows, columns=list(columns)).astype(columns)
 
 
 # --- frames ---------------------------------------------------------------------------------------
