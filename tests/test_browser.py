@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -28,12 +29,20 @@ ARTIFACTS = ROOT / "reports" / "test-artifacts"
 
 @pytest.fixture
 def voila(practice, tmp_path, spine_factory):
+    with serving_the_panel(practice, tmp_path, spine_factory,
+                           {"SCR_NB_STORE": str(tmp_path / "practice.sqlite")}) as served:
+        yield served
+
+
+@contextmanager
+def serving_the_panel(practice, tmp_path, spine_factory, store: dict):
+    """The control panel notebook served by Voila, its store named by the variables ``store``;
+    yields (its URL, the simulator)."""
     spine = spine_factory(rate_limit_tps=40, rate_limit_burst=1)
     session = tmp_path / "session.json"
     sessions.save(sessions.login(spine.url, ADMIN["user_id"], ADMIN["passcode"]), session)
     port = free_port()
-    env = {**os.environ, "SCR_NB_PRACTICE": str(practice),
-           "SCR_NB_STORE": str(tmp_path / "practice.sqlite"), "SCR_NB_SPINE": spine.url,
+    env = {**os.environ, "SCR_NB_PRACTICE": str(practice), **store, "SCR_NB_SPINE": spine.url,
            "SCR_NB_SESSION": str(session)}
     server = subprocess.Popen(
         [sys.executable, "-m", "voila", str(ROOT / "notebooks" / "control_panel.ipynb"),
@@ -92,6 +101,33 @@ def test_the_control_panel_in_a_real_browser(voila, practice, today):
             page.screenshot(path=str(ARTIFACTS / "control-panel-finished.png"), full_page=True)
         finally:
             browser.close()
+    assert set(held(spine)) == eligible_numbers(practice, today)
+
+
+def test_the_control_panel_of_a_practice_in_a_postgresql_store(practice, tmp_path,
+                                                                 spine_factory, pg_url, today):
+    """Under Voila the practice in a PostgreSQL store comes from SCR_NB_STORE and SCR_NB_ODS."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with serving_the_panel(practice, tmp_path, spine_factory,
+                           {"SCR_NB_STORE": pg_url, "SCR_NB_ODS": "A12345"}) as (url, spine):
+        with sync_playwright() as playwright:
+            browser = _browser(playwright)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.goto(url, timeout=60_000)
+                button = lambda name: page.get_by_role("button", name=name, exact=True)  # noqa
+                expect(page.get_by_text(f"{pg_url} practice A12345")).to_be_visible(
+                    timeout=60_000)
+                expect(button("Run")).to_be_enabled(timeout=60_000)
+                button("Run").click()
+                expect(button("OK")).to_be_enabled()
+                button("OK").click()
+                expect(page.get_by_text(re.compile(r"Completed: every patient"))).to_be_visible(
+                    timeout=60_000)
+                expect(page.get_by_text("Completion statistics")).to_be_visible()
+            finally:
+                browser.close()
     assert set(held(spine)) == eligible_numbers(practice, today)
 
 

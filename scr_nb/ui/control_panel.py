@@ -226,27 +226,41 @@ class ControlPanel:
             except Exception:   # a store mid-creation, a file moved: the next tick tries again
                 continue
 
-    def _status(self) -> dict | None:
+    def _reader(self) -> Store | None:
+        """The store opened read-only, or None while there is none to read (not named, not
+        created yet, not reachable)."""
         if self.location is None or (self.location.path is not None
                                      and not self.location.path.is_file()):
             return None
         try:
-            store = Store(self.location, readonly=True)
+            return Store(self.location, readonly=True)
         except StoreError:
+            return None
+
+    @staticmethod
+    def _status(store: Store | None) -> dict | None:
+        if store is None:
             return None
         try:
             return store.status()
         except DatabaseError:   # a store being created by the job that just started
             return None
-        finally:
-            store.close()
 
     def refresh(self) -> None:
-        """The store's state, the session, and what may be done now."""
+        """The store's state, the session, and what may be done now: the store is opened once
+        for all of it (a PostgreSQL store is a connection each time)."""
+        store = self._reader()
+        try:
+            self._refresh(store)
+        finally:
+            if store is not None:
+                store.close()
+
+    def _refresh(self, store: Store | None) -> None:
         session = self.session()
         now = datetime.now(timezone.utc)
         self._show_session(session, now)
-        status = self._status()
+        status = self._status(store)
         self._show_store(status)
         groups = sorted(set(load_groups(self.practice)) | set(status["groups"] if status else ()))
         options = [WHOLE_LIST, *groups]
@@ -257,7 +271,7 @@ class ControlPanel:
         busy = self.running or self.attached is not None
         messages = []
         for label, mode in MODES:
-            why = self.why_not(mode)
+            why = self.why_not(mode, store)
             self.mode_buttons[label].disabled = busy or why is not None
             self.mode_buttons[label].button_style = "info" if mode == self.mode else ""
             self.mode_buttons[label].tooltip = why or f"{label}: {MODE_HELP[mode]}"
@@ -340,21 +354,20 @@ class ControlPanel:
     def selected_group(self) -> str | None:
         return None if self.group.value == WHOLE_LIST else self.group.value
 
-    def why_not(self, mode: Mode) -> str | None:
-        """Vision's message when ``mode`` cannot start now, else None."""
+    def why_not(self, mode: Mode, store: Store | None = None) -> str | None:
+        """Vision's message when ``mode`` cannot start now, else None. ``store``: the store
+        already open for reading, else it is opened for this question."""
         nothing_yet = None if mode == Mode.RUN else "nothing has been uploaded yet: use Run."
-        if self.location is None:
+        reader = store or self._reader()
+        if reader is None:
             return nothing_yet
         try:
-            store = Store(self.location, readonly=True)
-        except StoreError:
-            return nothing_yet
-        try:
-            refused = refusal(store, mode, self.selected_group)
+            refused = refusal(reader, mode, self.selected_group)
         except DatabaseError:   # a store being created by the job that just started
             return nothing_yet
         finally:
-            store.close()
+            if store is None:
+                reader.close()
         return refused[0] if refused else None
 
     # --- what the buttons do ------------------------------------------------------------------
