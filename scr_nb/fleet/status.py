@@ -12,7 +12,6 @@ expects (``running``, ``paused``, ``interrupted``, ...), not the job table's raw
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from scr_nb.errors import StoreError
 from scr_nb.store import fleet_queries, queries
 from scr_nb.store.database import (DatabaseError, Location, is_database_url, practice_lock_key,
                                    practice_url, redact)
+from scr_nb.store.lock import gone_from_this_host
 from scr_nb.store.practice_store import Job, Store
 from scr_nb.store.schema import open_database
 from scr_nb.store.states import JobStatus, PatientState, counters
@@ -193,8 +193,7 @@ def read_database(url: str, codes: list[str], *, details: bool = False,
         states = {state.value: 0 for state in PatientState}
         states.update(figures.states.get(ods, {}))
         row = figures.latest_jobs.get(ods)
-        latest = None if row is None else Job(
-            *row[:10], json.loads(row[10] or "{}"), json.loads(row[11] or "{}")).to_json()
+        latest = None if row is None else Job.from_row(row).to_json()
         holder = figures.lock_rows.get(ods)
         if practice_lock_key(ods) not in figures.advisory_locks:
             holder = None   # the row of a job whose connection is gone: its lock went with it
@@ -225,18 +224,12 @@ def practice_status(latest_job: dict | None, holder: dict | None,
 
 
 def holder_alive(holder: dict, host: str | None = None) -> bool:
-    """Whether the lock's holder may still be running: on this host, its process must exist;
-    on another host this cannot be seen from here, and the lock's heartbeat rules (SPEC 8)."""
-    host = host or socket.gethostname()
-    if holder.get("host") != host or not holder.get("pid"):
+    """Whether the lock's holder may still be running: on this host, its process (by pid and
+    start time) must exist; on another host this cannot be seen from here, and the lock's
+    heartbeat rules (SPEC 8)."""
+    if holder.get("host") != (host or socket.gethostname()) or not holder.get("pid"):
         return True
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # another user's process: it exists
-        return True
-    return True
+    return gone_from_this_host(holder) is not True
 
 
 def _why(err: Exception) -> str:

@@ -66,6 +66,12 @@ class Location:
             raise StoreError(f"{store!r}: --store is a file path or a postgresql:// URL")
         return cls(f"sqlite:///{path}", path, ods.strip().upper() if ods else None)
 
+    @classmethod
+    def database(cls, url: str) -> Location:
+        """A PostgreSQL store as a whole, no practice named (to list its practices)."""
+        base, _ = _without_ods(url)
+        return cls(f"postgresql+psycopg://{base.split('://', 1)[1]}", None, None)
+
     @property
     def is_postgres(self) -> bool:
         return self.path is None
@@ -76,7 +82,7 @@ class Location:
         the password."""
         if self.path is not None:
             return str(self.path)
-        return f"{redact(self.url)} practice {self.ods}"
+        return redact(self.url) + (f" practice {self.ods}" if self.ods else "")
 
     def sibling(self, suffix: str) -> Path:
         """A file kept beside an SQLite store, or for a PostgreSQL practice in this machine's

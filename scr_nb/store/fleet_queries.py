@@ -51,9 +51,10 @@ def read_figures(db: Database, details: bool = False) -> FleetFigures:
         for row in db.rows(f"SELECT ods, {JOB_COLUMNS} FROM jobs WHERE (ods, id) IN "
                            f"({_LATEST})"):
             figures.latest_jobs[row[0]] = tuple(row[1:])
-        for row in db.rows("SELECT ods, user_id, user_name, host, pid, since FROM job_lock"):
+        for row in db.rows("SELECT ods, user_id, user_name, host, pid, since, started "
+                           "FROM job_lock"):
             figures.lock_rows[row[0]] = dict(zip(("user_id", "user_name", "host", "pid",
-                                                  "since"), row[1:]))
+                                                  "since", "started"), row[1:]))
         figures.advisory_locks = {
             (int(high) << 32 | int(low)) - ((1 << 64) if int(high) >= 1 << 31 else 0)
             for high, low in db.rows(

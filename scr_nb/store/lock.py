@@ -80,6 +80,17 @@ def _pid_alive(pid: int) -> bool:
 _COLUMNS = "user_id, user_name, host, pid, since, started, beat, token"
 
 
+def gone_from_this_host(holder: Holder | dict) -> bool | None:
+    """Whether a lock's holder is gone, as this host sees at once: True when it ran here and its
+    process is gone (by pid and process start time, so a reused pid does not keep it alive);
+    False when it lives; None when it ran on another host, where only its heartbeat tells."""
+    if isinstance(holder, dict):
+        holder = Holder(holder.get("user_id", ""), holder.get("user_name", ""),
+                        holder.get("host", ""), holder.get("pid", 0), holder.get("since", ""),
+                        holder.get("started"), 0, "")
+    return _Judge(None, 0.0).gone_from_this_host(holder)
+
+
 def read_holder(db: Database, ods: str) -> Holder | None:
     row = db.execute(f"SELECT {_COLUMNS} FROM job_lock WHERE ods = ?", (ods,)).first()
     return Holder(*row) if row else None
@@ -235,4 +246,5 @@ def _refusal(holder: Holder) -> RefusedError:
 
 
 __all__ = ["HEARTBEAT_SECONDS", "LAPSE_SECONDS", "Holder", "StoreLock", "break_lock",
+           "gone_from_this_host",
            "process_start", "read_holder"]

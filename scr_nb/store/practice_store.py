@@ -123,6 +123,14 @@ class Job:
     settings: dict
     totals: dict
 
+    @classmethod
+    def from_row(cls, row: tuple) -> Job:
+        """A job from a row of ``jobs``, read as ``Store._JOB_COLUMNS`` lists them."""
+        (id_, chain, mode, chain_mode, group, status, reason, user_id, started, ended, settings,
+         totals) = row
+        return cls(id_, chain, mode, chain_mode, group, status, reason, user_id, started, ended,
+                   json.loads(settings or "{}"), json.loads(totals or "{}"))
+
     def to_json(self) -> dict:
         return {"id": self.id, "mode": self.mode, "group": self.group, "status": self.status,
                 "reason": self.reason, "started_at": self.started_at, "ended_at": self.ended_at,
@@ -203,7 +211,7 @@ class Store:
     @staticmethod
     def practices(url: str) -> list[str]:
         """The ODS codes of the practices a PostgreSQL store holds."""
-        db = open_database(Location.of(url, "-"), readonly=True)
+        db = open_database(Location.database(url), readonly=True)
         try:
             return [r[0] for r in db.rows("SELECT DISTINCT ods FROM practice_meta ORDER BY ods")]
         finally:
@@ -380,12 +388,7 @@ class Store:
     # --- jobs ---------------------------------------------------------------------------------------
 
     def _job(self, row: tuple | None) -> Job | None:
-        if row is None:
-            return None
-        (id_, chain, mode, chain_mode, group, status, reason, user_id, started, ended, settings,
-         totals) = row
-        return Job(id_, chain, mode, chain_mode, group, status, reason, user_id, started, ended,
-                   json.loads(settings or "{}"), json.loads(totals or "{}"))
+        return None if row is None else Job.from_row(row)
 
     _JOB_COLUMNS = ("id, chain_id, mode, chain_mode, group_name, status, reason, user_id, "
                     "started_at, ended_at, settings, totals")
@@ -838,8 +841,8 @@ class Store:
 
     def lock_holder(self) -> dict | None:
         """Who holds the store's job lock (user, host, pid, since), if anyone."""
-        holder = self.db.record("SELECT user_id, user_name, host, pid, since FROM job_lock "
-                                "WHERE ods = ?", (self.ods,))
+        holder = self.db.record("SELECT user_id, user_name, host, pid, since, started "
+                                "FROM job_lock WHERE ods = ?", (self.ods,))
         if holder is not None and self.location.is_postgres and not self.lock_taken():
             return None   # the row of a job whose connection is gone: its lock went with it
         return holder
