@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -175,9 +176,18 @@ def _connect(options: FleetOptions, practices: int):
     at_once = min(options.max_practices, practices)
     workers = options.workers or max(1, min(at_once, os.cpu_count() or 1))
     threads = -(-at_once // workers)
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                           host="127.0.0.1", dashboard_address=None,
-                           silence_logs=logging.ERROR)
+    # Ctrl-C at the terminal reaches the whole process group: the workers are started ignoring
+    # it (a process keeps an ignored SIGINT across exec, and Python leaves it so), so only this
+    # process hears it, and stops the jobs through their stores instead of killing them.
+    quiet = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if quiet else None
+    try:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
+                               host="127.0.0.1", dashboard_address=None,
+                               silence_logs=logging.ERROR)
+    finally:
+        if quiet:
+            signal.signal(signal.SIGINT, previous)
     client = Client(cluster)
     return client, [cluster, client]
 
@@ -299,12 +309,12 @@ class _Fleet:
         ended = {code: 0 for code in WORST_FIRST}
         for result in self.results.values():
             ended[result["exit_code"]] = ended.get(result["exit_code"], 0) + 1
-        acknowledged = failed = transmitted = 0
+        acknowledged = failed = in_transit = 0
         for practice in self.running.values():
             seen = self.progress.of(practice.ods) or {}
             acknowledged += seen.get("acknowledged", 0)
             failed += seen.get("failed", 0)
-            transmitted += seen.get("transmitted", 0)
+            in_transit += max(0, seen.get("transmitted", 0) - seen.get("done", 0))
         for result in self.results.values():
             counters = result.get("counters") or {}
             acknowledged += counters.get("sent", 0)
@@ -314,7 +324,7 @@ class _Fleet:
                 f"(completed {ended[EXIT_OK]}, stopped {ended[EXIT_STOPPED]}, refused "
                 f"{ended[EXIT_REFUSED]}, errors {ended[EXIT_ERROR] + ended[EXIT_USAGE]}), "
                 f"{len(self.running)} running; acknowledged {acknowledged}, failed {failed}, "
-                f"in transit {transmitted}")
+                f"waiting for their acks {in_transit}")
 
     def outcome(self) -> FleetOutcome:
         codes = {result["exit_code"] for result in self.results.values()}
