@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from scr_nb.errors import OptionError
 from scr_nb.fleet.coordinator import FleetOptions, fleet_name, run_fleet
 from scr_nb.fleet.plan import find_practices
 from scr_nb.fleet.rate import RateServer
@@ -295,6 +296,28 @@ def test_fleet_stop_stops_every_running_practice_and_the_fleet_starts_no_more(
     assert cli.main(["fleet", "stop", "--stores", str(tmp_path / "stores")]) == 3
     assert "nothing to stop" in capsys.readouterr().err
     assert len(held(spine)) < len(eligible_of(folders, today))
+
+
+def test_a_fleets_practices_are_named_by_practice_json_or_their_folder(tmp_path):
+    folders = write_fleet(tmp_path, 3, seed=8)
+    sessions_dir = tmp_path / "sessions"
+    sessions_dir.mkdir()
+    for ods in folders:
+        (sessions_dir / f"{ods}.json").write_text("{}")
+    found = find_practices(tmp_path / "practices", store="postgresql://db.example/scr",
+                           sessions_dir=sessions_dir)
+    assert [(p.ods, Path(p.folder), p.store, Path(p.session).name) for p in found] == [
+        (ods, folder.resolve(), "postgresql://db.example/scr", f"{ods}.json")
+        for ods, folder in sorted(folders.items())]
+    (sessions_dir / "F08001.json").unlink()
+    with pytest.raises(OptionError, match="F08001: no session file"):
+        find_practices(tmp_path / "practices", stores_dir=tmp_path / "s", sessions_dir=sessions_dir)
+    twin = tmp_path / "practices" / "twin"
+    twin.mkdir()
+    (twin / "practice.json").write_text(json.dumps({"ods_code": "F08000"}))
+    with pytest.raises(OptionError, match="both practice F08000"):
+        find_practices(tmp_path / "practices", stores_dir=tmp_path / "s",
+                       session=tmp_path / "practices" / "twin" / "practice.json")
 
 
 # --- the rate limit's own arithmetic ----------------------------------------------------------------
