@@ -27,6 +27,7 @@ from scr_nb.fleet.rate import RateServer
 from scr_nb.job.options import JobOptions
 from scr_nb.sim.synth import write_practice
 from scr_nb.spine import session as sessions
+from scr_nb.spine.tls import TlsSettings
 from scr_nb.store.database import Database, Location
 from scr_nb.store.fleet_rate import reserve
 from scr_nb.store.practice_store import Store, read_status
@@ -390,6 +391,22 @@ def test_scr_nb_fleet_run_on_an_existing_cluster_then_status(client, spine, tmp_
     status = json.loads(capsys.readouterr().out)
     assert {p["ods_code"] for p in status["practices"]} == set(folders)
     assert status["totals"]["sent"] == len(eligible)
+
+
+def test_a_fleet_over_mutual_tls_hands_its_workers_the_certificates(
+        client, spine_factory, pki, tmp_path, today, monkeypatch, capsys):
+    spine = spine_factory(tls=pki.server())
+    folders = write_fleet(tmp_path, 2, seed=9)
+    session = tmp_path / "session.json"
+    tls = TlsSettings(str(pki.ca), str(pki.client_cert), str(pki.client_key))
+    sessions.save(sessions.login(spine.url, ADMIN["user_id"], ADMIN["passcode"], tls=tls), session)
+    monkeypatch.chdir(pki.ca.parent)   # the options as names in this folder, not the workers'
+    code = cli.main(["fleet", "run", "--practices", str(tmp_path / "practices"), "--stores",
+                     str(tmp_path / "stores"), "--spine", spine.url, "--session", str(session),
+                     "--scheduler", client.scheduler.address, "--ca-bundle", pki.ca.name,
+                     "--client-cert", pki.client_cert.name, "--client-key", pki.client_key.name])
+    assert code == 0, capsys.readouterr()
+    assert_held_once(spine, eligible_of(folders, today))
 
 
 @pytest.mark.parametrize("wrong", [["--max-practices", "0"], ["--rate-limit", "-1"],

@@ -12,6 +12,7 @@ import json
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from scr_nb.errors import StoreError
 from scr_nb.job.runner import EXIT_ERROR, EXIT_OK, EXIT_REFUSED
@@ -104,6 +105,7 @@ def cmd_fleet_upload(args: argparse.Namespace) -> int:
     from scr_nb.fleet.coordinator import FleetControl, FleetOptions, run_fleet
     from scr_nb.fleet.plan import find_practices
     from scr_nb.job.options import JobOptions
+    from scr_nb.spine.tls import TlsSettings
     from scr_nb.store.states import Mode
     from scr_nb.ui.cli import _who
 
@@ -112,6 +114,9 @@ def cmd_fleet_upload(args: argparse.Namespace) -> int:
         from scr_nb.ui.cli import tls_settings
 
         tls = tls_settings(args)
+    # the workers read them wherever they run, whatever their working folder
+    tls = TlsSettings(*(str(Path(p).resolve()) if p else None
+                        for p in (tls.ca_bundle, tls.client_cert, tls.client_key)))
     job = JobOptions(mode=Mode(args.fleet_mode), concurrency=args.concurrency,
                      ack_timeout=args.ack_timeout, dissent=args.dissent,
                      skip_acknowledged=args.skip_acknowledged)
