@@ -321,6 +321,16 @@ def test_a_fleets_practices_are_named_by_practice_json_or_their_folder(tmp_path)
                        session=tmp_path / "practices" / "twin" / "practice.json")
 
 
+def test_a_fleet_on_a_new_postgresql_database_without_a_rate_limit(client, spine, pg_url,
+                                                                   tmp_path, today):
+    folders = write_fleet(tmp_path, 2, seed=10)
+    practices = find_practices(tmp_path / "practices", store=pg_url,
+                               session=login(spine, tmp_path / "session.json"))
+    outcome = run_fleet(practices, options(spine), client=client, say=lambda line: None)
+    assert outcome.exit_code == 0, outcome.to_json()
+    assert_held_once(spine, eligible_of(folders, today))
+
+
 # --- the rate limit's own arithmetic ----------------------------------------------------------------
 
 def test_slots_from_the_database_are_spaced_at_the_limit_and_never_saved_up(tmp_path):

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from scr_nb.errors import ScrNbError
+from scr_nb.errors import OptionError, ScrNbError
 from scr_nb.fleet import stop as stopping
 from scr_nb.fleet.plan import Practice
 from scr_nb.fleet.rate import RateServer, configure_database
@@ -36,6 +36,8 @@ from scr_nb.fleet.task import (PROGRESS_TOPIC, PracticeTask, latest_job_id, prac
 from scr_nb.job.options import JobOptions
 from scr_nb.job.runner import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_STOPPED, EXIT_USAGE
 from scr_nb.spine.tls import TlsSettings
+from scr_nb.store.database import Location
+from scr_nb.store.schema import open_database
 from scr_nb.store.states import JobStatus, StopReason
 
 # A fleet's exit code is its practices' worst, in this order (SPEC 10: 0 only when every
@@ -63,8 +65,6 @@ class FleetOptions:
     progress_every: float = 10.0
 
     def __post_init__(self) -> None:
-        from scr_nb.errors import OptionError
-
         if isinstance(self.max_practices, bool) or not isinstance(self.max_practices, int) \
                 or self.max_practices < 1:
             raise OptionError(f"--max-practices must be a whole number of at least 1, not "
@@ -125,6 +125,10 @@ def run_fleet(practices: list[Practice], options: FleetOptions, *, client=None,
     """Run one job per practice and say how the fleet ended. ``client`` is a Dask Client to use
     (default: one on ``options.scheduler``, else on a local cluster made and closed here)."""
     control = control or FleetControl()
+    if not practices:
+        raise OptionError("a fleet needs at least one practice")
+    if practices[0].on_database:   # a new database gets its tables before anything reads it
+        open_database(Location.of(practices[0].store, practices[0].ods)).close()
     owned = []
     rate_server = None
     try:
