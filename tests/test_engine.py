@@ -176,6 +176,32 @@ def test_stop_then_run_is_refused_and_resume_finishes(tmp_path, spine, admin_ses
         job(tmp_path, admin_session, spine, practice, "resume")
 
 
+def test_a_stop_after_everything_was_built_but_not_sent_is_a_stop_not_a_completion(
+        tmp_path, spine, admin_session, today):
+    """A small practice: every message is built and queued at once (the queue holds them all);
+    Stop and Close after the first acknowledgement leaves most of them never posted. They go
+    back to Unprocessed with their ids, so the job stopped; it did not complete."""
+    from scr_nb.sim.synth import write_practice
+
+    small = tmp_path / "small"
+    write_practice(small, 30, seed=5)
+    control = JobControl()
+
+    def stop_after_one(progress):
+        if progress.acknowledged >= 1:
+            control.stop_and_close()
+
+    first = job(tmp_path, admin_session, spine, small, "run", control=control,
+                on_progress=stop_after_one, concurrency=32, rate_limit=2)
+    st = status(tmp_path)
+    assert st["counters"]["unprocessed"] > 0 and st["counters"]["sending"] == 0
+    assert not first.completed and first.job.reason == "user_stop"
+    resumed = job(tmp_path, admin_session, spine, small, "resume")
+    assert resumed.completed
+    assert set(held(spine)) == eligible_numbers(small, today)
+    assert spine.simulator.stats()["rejected_by_code"] == {}
+
+
 class _Crash(BaseException):
     """Stands in for the process dying mid-job."""
 

@@ -254,6 +254,14 @@ class Pipeline:
         rule = (self.chain_mode, self.job.chain_id, self.job.group, self.options.skip_acknowledged)
         return len(first) + self.store.count_work(*rule), chain(first, self.work(rule))
 
+    def work_left(self) -> bool:
+        """Whether some patient of this job is not finished: in flight, built and never posted
+        (a stop put it back to Unprocessed with its id), or not reached yet."""
+        rule = (self.chain_mode, self.job.chain_id, self.job.group, self.options.skip_acknowledged)
+        return bool(self.store.in_flight(self.job.group)
+                    or self.store.unsent(self.job.chain_id, self.job.group)
+                    or self.store.count_work(*rule))
+
     def work(self, rule: tuple) -> Iterator[str | Work]:
         """The mode's work, a page of the store at a time in extract order."""
         after = -1
@@ -325,8 +333,7 @@ class Pipeline:
         self.log_control()
         if self.stop_reason is not None:
             return self.stop_status, self.stop_reason
-        if self.control.stopping and self.produced_all and not self.store.in_flight(
-                self.job.group):
+        if self.control.stopping and self.produced_all and not self.work_left():
             return JobStatus.COMPLETED, None   # the Stop came after the last patient was done
         if self.control.stopping:
             if self.phase.paused:   # a Stop inside a scheduled pause cancels the pending resume

@@ -340,7 +340,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ready else EXIT_REFUSED
 
 
-def _who(args: argparse.Namespace) -> tuple[str, str]:
+def who_asks(args: argparse.Namespace) -> tuple[str, str]:
     """Who asks: the Smartcard user of --session when given, else this machine's account."""
     if getattr(args, "session", None):
         session = sessions.load(args.session)
@@ -364,7 +364,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_REFUSED
     request = "cancel" if args.cancel else "close" if args.close else "stop"
-    user_id, user_name = _who(args)
+    user_id, user_name = who_asks(args)
     store = Store(args.store, args.ods)
     try:
         job = store.running_job()
@@ -402,7 +402,7 @@ def cmd_break_lock(args: argparse.Namespace) -> int:
     if problem := _no_store(args):
         print(f"scr-nb break-lock: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    user_id, user_name = _who(args)
+    user_id, user_name = who_asks(args)
     store = Store(args.store, args.ods)
     try:
         holder = break_lock(store)

@@ -18,6 +18,13 @@ from scr_nb.errors import StoreError
 from scr_nb.job.runner import EXIT_ERROR, EXIT_OK, EXIT_REFUSED
 
 MODES = ("run", "resume", "rerun", "failed")
+FLEET_HELP = """Many practices at once on Dask: one job per practice (the mode's rules per
+practice), at most --max-practices at once, under one --rate-limit for the whole fleet, on a local
+cluster or an existing one (--scheduler). Stores: one PostgreSQL database (--store URL) or a
+folder of SQLite stores, one <ODS>.sqlite a practice (--stores DIR).
+
+Exit codes over the fleet: 0 every practice completed, 4 some practice stopped and can be
+resumed, 3 refused, 1 an error, 2 bad usage (before anything runs)."""
 COUNTERS = ("unprocessed", "sending", "sent", "failed", "not_required")
 
 
@@ -27,7 +34,7 @@ def add_fleet_parser(subparsers) -> argparse.ArgumentParser:
     from scr_nb.ui.cli import add_tls_options
 
     fleet = subparsers.add_parser("fleet", help="many practices at once, on Dask (SPEC 12)",
-                                  description=__doc__,
+                                  description=FLEET_HELP,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = fleet.add_subparsers(dest="fleet_command", required=True)
 
@@ -107,7 +114,7 @@ def cmd_fleet_upload(args: argparse.Namespace) -> int:
     from scr_nb.job.options import JobOptions
     from scr_nb.spine.tls import TlsSettings
     from scr_nb.store.states import Mode
-    from scr_nb.ui.cli import _who
+    from scr_nb.ui.cli import who_asks
 
     tls = getattr(args, "tls", None)
     if tls is None:
@@ -125,7 +132,7 @@ def cmd_fleet_upload(args: argparse.Namespace) -> int:
                            workers=args.workers, progress_every=args.progress_every)
     practices = find_practices(args.practices, store=args.store, stores_dir=args.stores,
                                session=args.session, sessions_dir=args.sessions)
-    who = _who(argparse.Namespace(session=args.session))
+    who = who_asks(argparse.Namespace(session=args.session))
     control = FleetControl()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -183,11 +190,12 @@ def cmd_fleet_stop(args: argparse.Namespace) -> int:
     Example: scr-nb fleet stop --store postgresql://scr@db.example/scr --close
     """
     from scr_nb.fleet.stop import stop_fleet
-    from scr_nb.ui.cli import _who
+    from scr_nb.ui.cli import who_asks
 
     request = "cancel" if args.cancel else "close" if args.close else "stop"
     try:
-        stopped, running = stop_fleet(args.store, args.stores, request=request, who=_who(args),
+        stopped, running = stop_fleet(args.store, args.stores, request=request,
+                                      who=who_asks(args),
                                       wait=args.wait,
                                       say=lambda line: print(line, file=sys.stderr))
     except StoreError as err:
