@@ -127,8 +127,10 @@ def test_an_older_store_is_walked_up_to_the_current_schema(tmp_path):
                "updated_at) VALUES ('', 'P1', 'P1', '9990000018', 2, 'unprocessed', 'then')")
     db.commit()
     db.close()
-    named = Store(path, "a12345")         # the first job that knows the practice names it
+    named = Store(path, "a12345")         # only a job names it, under its lock
     try:
+        assert named.ods == ""
+        named.claim("a12345")
         assert named.ods == "A12345" and named.patient("P1")["ods"] == "A12345"
     finally:
         named.close()

@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import NullPool, create_engine, event, text
-from sqlalchemy.engine import Connection, CursorResult
+from sqlalchemy.engine import Connection, Result
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from scr_nb.errors import StoreError
@@ -173,9 +173,13 @@ class Database:
         self.readonly = readonly
         if location.is_postgres:
             self.dialect = "postgresql"
-            engine = create_engine(location.url, poolclass=NullPool,
-                                   connect_args={"connect_timeout": 10,
-                                                 "application_name": "scr-nb"})
+            # Keepalives both ways: a job whose machine vanished is found dead by the server in
+            # about 25 s, and its advisory lock freed for the worker that resumes its practice.
+            engine = create_engine(location.url, poolclass=NullPool, connect_args={
+                "connect_timeout": 10, "application_name": "scr-nb", "keepalives": 1,
+                "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+                "options": "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 "
+                           "-c tcp_keepalives_count=3"})
         else:
             self.dialect = "sqlite"
             engine = create_engine(_sqlite_connect(location.path, readonly), poolclass=NullPool,
@@ -195,9 +199,12 @@ class Database:
 
     # --- statements -------------------------------------------------------------------------
 
-    def execute(self, sql: str, args: Sequence | Mapping = ()) -> CursorResult:
+    def execute(self, sql: str, args: Sequence | Mapping = ()) -> Result:
+        """Run ``sql``; its rows, if it returns any, are read before the connection is let go,
+        so another thread may use it while the caller reads them."""
         with self.lock:
-            return self.conn.execute(_statement(sql), _binds(args))
+            result = self.conn.execute(_statement(sql), _binds(args))
+            return result.freeze()() if result.returns_rows else result
 
     def executemany(self, sql: str, rows: Iterable[Sequence]) -> int:
         """Run ``sql`` once for each row, as one batch; returns the rows it changed."""
@@ -242,8 +249,9 @@ class Database:
         with self.lock:
             try:
                 self.conn.exec_driver_sql("ROLLBACK")
-            except DBAPIError:
-                pass   # nothing was begun (a COMMIT that failed on SQLite may end it already)
+            except SQLAlchemyError:
+                pass   # nothing was begun (a COMMIT that failed on SQLite may end it already),
+                       # or the connection is gone, and its transaction with it
             self.in_transaction = False
 
     def close(self) -> None:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from scr_nb.errors import RefusedError
-from scr_nb.store.database import Database, practice_lock_key
+from scr_nb.errors import RefusedError, StoreError
+from scr_nb.store.database import Database, DatabaseError, practice_lock_key
 from scr_nb.store.practice_store import Store
 
 HEARTBEAT_SECONDS = 2.0     # how often a holder bumps its beat
@@ -179,9 +179,10 @@ class StoreLock:
             raise _refusal(holder) if holder is not None else RefusedError(
                 f"another upload is starting on practice {self.store.ods}; nothing was sent.")
         self._advisory = key
-        previous = read_holder(self.store.db, self.store.ods)
-        self._take(previous)
-        return previous
+        while True:   # ours alone now: only a break-lock of the old row can come between
+            previous = read_holder(self.store.db, self.store.ods)
+            if self._take(previous):
+                return previous
 
     def _take(self, judged: Holder | None) -> bool:
         """Write our row if the lock is still as it was judged (else judge again)."""
@@ -203,10 +204,10 @@ class StoreLock:
         db = Database(self.store.location)
         try:
             while not self._stop.wait(HEARTBEAT_SECONDS):
+                # by token alone: the job may name the store's practice meanwhile (claim)
                 changed = db.execute("UPDATE job_lock SET beat = beat + 1, heartbeat = ? "
-                                     "WHERE ods = ? AND token = ?",
-                                     (self.now().timestamp(), self.store.ods,
-                                      self.token)).rowcount
+                                     "WHERE token = ?",
+                                     (self.now().timestamp(), self.token)).rowcount
                 if not changed:
                     self.lost = True
                     return
@@ -214,15 +215,24 @@ class StoreLock:
             db.close()
 
     def release(self) -> None:
+        """Let the lock go. A store that cannot be written now (its connection gone) keeps our
+        row, which the next taker judges gone; the job's own outcome is never hidden by it."""
         self._stop.set()
         if self._beater is not None:
             self._beater.join(timeout=HEARTBEAT_SECONDS + 5)
-        with self.store.transaction() as db:
-            db.execute("DELETE FROM job_lock WHERE ods = ? AND token = ?",
-                       (self.store.ods, self.token))
-        if self._advisory is not None:
-            self.store.db.scalar("SELECT pg_advisory_unlock(?)", (self._advisory,))
-            self._advisory = None
+        try:
+            with self.store.transaction() as db:
+                db.execute("DELETE FROM job_lock WHERE ods = ? AND token = ?",
+                           (self.store.ods, self.token))
+        except (StoreError, DatabaseError):
+            pass
+        finally:
+            if self._advisory is not None:
+                key, self._advisory = self._advisory, None
+                try:
+                    self.store.db.scalar("SELECT pg_advisory_unlock(?)", (key,))
+                except DatabaseError:
+                    pass   # the connection is gone, and the advisory lock went with it
 
 
 def break_lock(store: Store, lapse: float | None = None) -> Holder:

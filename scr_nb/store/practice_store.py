@@ -182,7 +182,7 @@ class Store:
     def _practice(self, asked: str | None) -> str:
         """The practice this store object reads and writes. In PostgreSQL the one asked for, made
         known to the fleet's listing (``practices``) when opened for writing; in an SQLite file
-        the file's own, and a file not yet named takes the name asked for."""
+        the file's own ('' until the first job names it: ``claim``, under the job's lock)."""
         if self.location.is_postgres:
             if not self.readonly:
                 self.db.execute("INSERT INTO practice_meta (ods, key, value) VALUES (?, 'practice', "
@@ -191,15 +191,14 @@ class Store:
         held = self.db.scalar("SELECT value FROM meta WHERE key = 'ods'") or ""
         if asked and held and asked != held:
             raise StoreError(f"{self.label}: this store holds practice {held}, not {asked}")
-        if asked and not held and not self.readonly:
-            self.claim(asked)
-            return asked
         return held
 
     def claim(self, ods: str) -> None:
         """Name the practice of an SQLite store that has none yet (a new one, or one of an older
-        kit): its rows move under ``ods``, in one transaction."""
-        if self.location.is_postgres or getattr(self, "ods", "") or not ods:
+        kit): its rows move under ``ods``, in one transaction. Only a job calls this, holding the
+        store's lock, so no other job's rows move under it."""
+        ods = ods.strip().upper()
+        if self.location.is_postgres or self.ods or not ods:
             return
         with self.transaction() as db:
             for table in _PRACTICE_TABLES:
@@ -577,7 +576,8 @@ class Store:
                  content_type, compress(body), self.ods)
                 for pkey, message_id, event_id, prior_event_id, content_type, body in messages]
         batch = {row[1] for row in rows}
-        meets = any(move.pkey is None or move.pkey in batch for move in self._moves.values())
+        with self._pending:
+            meets = any(move.pkey is None or move.pkey in batch for move in self._moves.values())
         with self.transaction(deferred_first=meets) as db:
             db.executemany(
                 "INSERT INTO messages (message_id, pkey, job_id, event_id, prior_event_id, "
@@ -768,7 +768,9 @@ class Store:
     def record_attempt(self, message_id: str, kind: str, status: int | None, detail: str) -> None:
         """Note one HTTP exchange for the patient's timeline; written with the next state change
         (or by ``flush``), so the timeline costs no transaction of its own."""
-        self._attempts.append((message_id, now_iso(), kind, status, detail))
+        attempt = (message_id, now_iso(), kind, status, detail)
+        with self._pending:
+            self._attempts.append(attempt)
 
     def flush(self) -> None:
         """Write the deferred moves and attempts now."""

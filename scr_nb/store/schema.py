@@ -259,7 +259,7 @@ def _create(db: Database) -> None:
     db.begin()
     try:
         if db.dialect == "postgresql":
-            db.execute("SELECT pg_advisory_xact_lock(?)", (_CREATE_LOCK,))
+            db.execute("SELECT pg_advisory_xact_lock(?, ?)", _CREATE_LOCK)
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         if _schema_version(db) is None:
             TABLES.create_all(db.conn)
@@ -271,7 +271,9 @@ def _create(db: Database) -> None:
         raise
 
 
-_CREATE_LOCK = 7_224_310_512   # "scr-nb schema", an advisory lock key of this kit's own
+# The kit's own advisory lock for schema work, in the two-number key space (pg_locks' objsubid 2),
+# apart from the practices' one-number keys (practice_lock_key).
+_CREATE_LOCK = (5_432_010, 6)
 
 
 def _migrate(db: Database, version: str) -> str:
@@ -283,7 +285,7 @@ def _migrate(db: Database, version: str) -> str:
         db.begin()
         try:
             if db.dialect == "postgresql":
-                db.execute("SELECT pg_advisory_xact_lock(?)", (_CREATE_LOCK,))
+                db.execute("SELECT pg_advisory_xact_lock(?, ?)", _CREATE_LOCK)
             if _schema_version(db) == version:   # another process may have walked it meanwhile
                 if step == "6":
                     _to_practice_keys(db)
