@@ -222,7 +222,7 @@ def assert_within_limit(spine, limit: float, reached: bool = False) -> None:
     """The simulator's own record: its rate limit (a token bucket of ``limit`` a second, a tenth
     of a second's worth deep) refused no POST, and no whole second of its record holds more than
     ``limit`` POSTs, give or take the one a send delayed across a second's edge may add (the
-    fleet's slots are 1.01/limit apart: at most ``limit`` of them fall in any second).
+    fleet's slots are 1.03/limit apart: at most ``limit`` of them fall in any second).
     ``reached``: and the fleet did go at the limit, in some whole second in the middle."""
     counts = posts_per_second(spine)
     assert spine.simulator.stats()["transient_faults_injected"].get("429", 0) == 0, counts
@@ -342,7 +342,7 @@ def test_slots_from_the_database_are_spaced_at_the_limit_and_never_saved_up(tmp_
         set_rate(db, "spine", 10.0)
         first, spacing, _ = reserve(db, "spine", 3)
         second, _, _ = reserve(db, "spine", 2)
-        assert first == pytest.approx(0.0, abs=0.01) and spacing == pytest.approx(0.101)
+        assert first == pytest.approx(0.0, abs=0.01) and spacing == pytest.approx(0.103)
         assert second == pytest.approx(3 * spacing, abs=0.01)     # right after the first three
         time.sleep(0.6)                                             # nobody sends for a while
         later, _, _ = reserve(db, "spine", 1)
@@ -375,8 +375,8 @@ def test_a_gate_on_the_coordinators_slots_lets_posts_go_no_closer_than_the_limit
         server.stop()
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert len(times) == 20
-    assert min(gaps) >= 1.01 / 50 - 0.011           # a slot may be taken up to LATE_S late
-    assert times[-1] - times[0] >= 19 * 1.01 / 50 - 0.011   # 20 POSTs take 19 intervals
+    assert min(gaps) >= 1.03 / 50 - 0.005           # a slot may be taken up to LATE_S late
+    assert times[-1] - times[0] >= 19 * 1.03 / 50 - 0.005   # 20 POSTs take 19 intervals
 
 
 # --- the command line -------------------------------------------------------------------------------
@@ -485,4 +485,34 @@ def test_a_fleet_on_postgresql_holds_its_rate_in_the_database_and_survives_a_kil
         first_in, spacing, _now = reserve(db, fleet_name(options(spine)), 1)
     finally:
         db.close()
-    assert first_in > -0.01 and spacing == pytest.approx(1.01 / limit)
+    assert first_in > -0.01 and spacing == pytest.approx(1.03 / limit)
+
+
+def test_a_task_run_again_knows_its_own_job_from_anyone_elses(tmp_path):
+    """A task whose worker died resumes only the job its own earlier run started (marked in the
+    job's settings), and reports a job of its own that a stop ended as stopped, never sending
+    again against the stop; a job someone else started meanwhile is not its own."""
+    from scr_nb.fleet.plan import Practice
+    from scr_nb.fleet.task import PracticeTask, _earlier_run, run_practice
+    from scr_nb.store.states import JobStatus
+
+    practice = Practice("A12345", str(tmp_path), str(tmp_path / "A12345.sqlite"),
+                        str(tmp_path / "none.json"))
+    mark = "fleet-1-A12345"
+    task = PracticeTask(practice, "http://127.0.0.1:9", JobOptions(Mode.RUN, started_by=mark),
+                        TlsSettings(), None, known_job=None)
+    store = Store(practice.store)
+    try:
+        by_hand = store.start_job("run", "run", None, None, "555000000001", "Dr A",
+                                  JobOptions(Mode.RUN).settings())
+        assert _earlier_run(task) is None                     # someone else's job
+        store.end_job(by_hand.id, JobStatus.STOPPED, "user_stop", {})
+        ours = store.start_job("run", "run", None, by_hand.chain_id, "555000000001", "Dr A",
+                               JobOptions(Mode.RUN, started_by=mark).settings())
+        assert _earlier_run(task).id == ours.id
+        store.end_job(ours.id, JobStatus.STOPPED, "user_stop", {})
+    finally:
+        store.close()
+    result = run_practice(task)
+    assert result["exit_code"] == 4 and "stopped (user_stop) before its worker died" in \
+        result["message"]

@@ -256,11 +256,12 @@ class _Fleet:
                 self._record(practice, practice_result(
                     practice, EXIT_REFUSED, f"its store cannot be read: {err}"))
                 continue
+            key = f"{self.key}-{practice.ods}"
             task = PracticeTask(practice, self.options.spine,
-                                replace(self.options.job, practice_ods=practice.ods),
+                                replace(self.options.job, practice_ods=practice.ods,
+                                        started_by=key),
                                 self.options.tls, self.gate, known)
-            future = self.client.submit(run_practice, task, key=f"{self.key}-{practice.ods}",
-                                        pure=False)
+            future = self.client.submit(run_practice, task, key=key, pure=False)
             self.running[future] = practice
 
     def _collect(self, future) -> None:

@@ -41,7 +41,7 @@ from scr_nb.store.schema import open_database
 
 BLOCK_S = 0.1          # a reservation holds at most this many seconds of the fleet's slots ...
 MAX_BLOCK = 32         # ... and never more than this many slots
-LATE_S = 0.01          # a slot not taken within this long after its time lapses
+LATE_S = 0.004         # a slot not taken within this long after its time lapses
 RETRY_S = 30.0         # how long a gate keeps trying to reach the place that holds the limit
 LINK_WINDOW_S = 5.0    # round trips older than this say nothing more of the two clocks (drift)
 

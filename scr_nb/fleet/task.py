@@ -18,7 +18,7 @@ from pathlib import Path
 from scr_nb.fleet.plan import Practice
 from scr_nb.fleet.rate import GateSpec
 from scr_nb.job.options import JobOptions, Progress
-from scr_nb.job.runner import EXIT_ERROR, EXIT_OK, run_upload
+from scr_nb.job.runner import EXIT_ERROR, EXIT_OK, EXIT_STOPPED, run_upload
 from scr_nb.spine.tls import TlsSettings
 from scr_nb.store.states import JobStatus, Mode
 
@@ -58,9 +58,13 @@ def latest_job_id(practice: Practice) -> int | None:
 
 
 def _earlier_run(task: PracticeTask):
-    """The job an earlier run of this task started, when a worker died under it; else None."""
+    """The job an earlier run of this task started, when a worker died under it; else None. It is
+    known by the task's mark in its settings: a job someone else started meanwhile (an upload by
+    hand, another fleet) is not this task's."""
     job = _latest_job(task.practice)
     if job is None or (task.known_job is not None and job.id <= task.known_job):
+        return None
+    if job.settings.get("started_by") != task.options.started_by:
         return None
     return job
 
@@ -102,6 +106,13 @@ def run_practice(task: PracticeTask) -> dict:
         if earlier is not None and earlier.status == JobStatus.COMPLETED.value:
             return practice_result(practice, EXIT_OK, f"job {earlier.id} completed (its worker "
                                                       "died before it could say so)",
+                                   earlier.to_json(), resumed=earlier.id)
+        if earlier is not None and earlier.status != JobStatus.RUNNING.value:
+            # it ended (a stop, a cancel) before its worker died: reported as it ended, never
+            # sent again against the stop
+            return practice_result(practice, EXIT_STOPPED,
+                                   f"job {earlier.id} {earlier.status} ({earlier.reason}) before "
+                                   "its worker died; continue it with Resume",
                                    earlier.to_json(), resumed=earlier.id)
         if earlier is not None:
             resumed = earlier.id

@@ -82,6 +82,9 @@ class JobOptions:
     practice_ods: str | None = None
     practice_name: str | None = None
     schedule: Schedule = Schedule()
+    # Which run of a fleet's task started the job (kept in the job's settings), so a task run
+    # again after its worker died knows its own job from anyone else's.
+    started_by: str | None = None
 
     def __post_init__(self) -> None:
         problem = option_problem(self)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from scr_nb.store.database import Database
 
-# Slots are spaced this much wider than the limit: 1% of every second is slack for the transit
+# Slots are spaced this much wider than the limit: 3% of every second is slack for the transit
 # and the event loops, so a Spine counting at most the limit in any second accepts every POST.
-STRETCH = 1.01
+STRETCH = 1.03
 
 # The database's clock in seconds since the epoch, read when the row is written (after any wait
 # for its lock), and the larger of two numbers, in each database's words.
