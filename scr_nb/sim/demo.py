@@ -56,6 +56,34 @@ def step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
+def fresh_folder(out_dir: str) -> tuple[Path, Path, Path]:
+    """The demo's output folder, emptied, with the demo user's file (owner-only): (the folder,
+    the session file to write, the users file)."""
+    out = Path(out_dir).resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    users = out / "users.json"
+    users.write_text(json.dumps([DEMO_USER], indent=2))
+    os.chmod(users, 0o600)
+    return out, out / "session.json", users
+
+
+def login(spine: str, session: Path) -> bool:
+    """``scr-nb login`` as the demo user, the passcode from the environment as a user's would be."""
+    os.environ["SCR_NB_PASSCODE"] = DEMO_USER["passcode"]
+    return cli.main(["login", "--identity", spine, "--user", DEMO_USER["user_id"],
+                     "--session", str(session)]) == 0
+
+
+def stop(simulator: subprocess.Popen) -> None:
+    simulator.terminate()
+    try:
+        simulator.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        simulator.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scr_nb.sim.demo", description=__doc__)
     parser.add_argument("--patients", type=int, default=2000)
@@ -64,14 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args(argv)
 
-    out = Path(args.out).resolve()
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out, session, users = fresh_folder(args.out)
     practice, store = out / "practice", out / "practice.sqlite"
-    session, users = out / "session.json", out / "users.json"
-    users.write_text(json.dumps([DEMO_USER], indent=2))
-    os.chmod(users, 0o600)
 
     step(f"1. A synthetic practice of {args.patients} patients")
     cli.main(["synth", "--patients", str(args.patients), "--seed", str(args.seed),
@@ -87,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Spine simulator at {spine}")
     try:
         step("3. Smartcard login")
-        os.environ["SCR_NB_PASSCODE"] = DEMO_USER["passcode"]
-        if cli.main(["login", "--identity", spine, "--user", DEMO_USER["user_id"],
-                     "--session", str(session)]) != 0:
+        if not login(spine, session):
             return 1
 
         step("4. Dry run: who is eligible")
@@ -122,11 +142,7 @@ def main(argv: list[str] | None = None) -> int:
               f"Log: {store}.log.jsonl")
         return 0 if held == status["counters"]["sent"] else 1
     finally:
-        simulator.terminate()
-        try:
-            simulator.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            simulator.kill()
+        stop(simulator)
 
 
 def _capture(argv: list[str]) -> str:

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
 from collections import Counter
 from datetime import datetime
-from pathlib import Path
 
 import httpx
 
-from scr_nb.sim.demo import DEMO_USER, _capture, free_port, start_simulator, step
+from scr_nb.sim.demo import _capture, free_port, fresh_folder, login, start_simulator, step, stop
 from scr_nb.ui import cli
 
 
@@ -58,14 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports/demo-fleet")
     args = parser.parse_args(argv)
 
-    out = Path(args.out).resolve()
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out, session, users = fresh_folder(args.out)
     practices, stores = out / "practices", out / "stores"
-    session, users = out / "session.json", out / "users.json"
-    users.write_text(json.dumps([DEMO_USER], indent=2))
-    os.chmod(users, 0o600)
     where = ["--store", args.store] if args.store else ["--stores", str(stores)]
 
     codes = practice_codes(args.practices)
@@ -85,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Spine simulator at {spine}")
     try:
         step("3. Smartcard login: one operator's session for every practice")
-        os.environ["SCR_NB_PASSCODE"] = DEMO_USER["passcode"]
-        if cli.main(["login", "--identity", spine, "--user", DEMO_USER["user_id"],
-                     "--session", str(session)]) != 0:
+        if not login(spine, session):
             return 1
 
         step(f"4. Fleet run: a local Dask cluster, at most {args.max_practices} practices at "
@@ -116,11 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         agree = len(summaries) == status["totals"]["sent"]
         return 0 if agree and code == 0 else 1
     finally:
-        simulator.terminate()
-        try:
-            simulator.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            simulator.kill()
+        stop(simulator)
 
 
 def _report(status: dict, spine_stats: dict, summaries: list[dict], limit: float) -> str:
