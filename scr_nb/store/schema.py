@@ -238,8 +238,10 @@ def _to_practice_keys(db: Database) -> None:
 def _schema_version(db: Database) -> str | None:
     try:
         return db.scalar("SELECT value FROM meta WHERE key = 'schema'")
-    except DatabaseError:   # no meta table: a new store
-        if db.in_transaction and db.dialect == "postgresql":
+    except DatabaseError as err:   # no meta table: a new store; anything else is an error
+        words = _words(err)
+        if ("no such table" not in words and "does not exist" not in words) or \
+                (db.in_transaction and db.dialect == "postgresql"):
             raise
         return None
 

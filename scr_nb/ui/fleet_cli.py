@@ -171,13 +171,15 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2, default=str))
         return EXIT_OK
-    print(f"{'practice':<10} {'status':<10} " + " ".join(f"{name:>12}" for name in COUNTERS))
+    print(f"{'practice':<10} {'status':<12} " + " ".join(f"{name:>12}" for name in COUNTERS))
     for practice in status["practices"]:
-        counters = practice.get("counters") or {}
-        print(f"{practice['ods_code']:<10} {str(practice.get('status') or '-'):<10} "
-              + " ".join(f"{counters.get(name, 0):>12}" for name in COUNTERS))
+        line = f"{practice['ods_code']:<10} {str(practice.get('status') or '-'):<12} "
+        if practice.get("counters") is None:   # a store that could not be read says why
+            print(line + str(practice.get("error") or ""))
+            continue
+        print(line + " ".join(f"{practice['counters'].get(name, 0):>12}" for name in COUNTERS))
     totals = status.get("totals") or {}
-    print(f"{'total':<10} {'':<10} " + " ".join(f"{totals.get(name, 0):>12}" for name in COUNTERS))
+    print(f"{'total':<10} {'':<12} " + " ".join(f"{totals.get(name, 0):>12}" for name in COUNTERS))
     return EXIT_OK
 
 
