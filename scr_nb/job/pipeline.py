@@ -474,10 +474,20 @@ class Pipeline:
             await asyncio.sleep(WATCH_SECONDS)
 
     async def flush_now_and_then(self) -> None:
-        """Write deferred state changes a few times a second, so status readers see progress."""
-        while True:
-            await asyncio.sleep(FLUSH_SECONDS)
-            await asyncio.to_thread(self.store.flush)   # off the event loop
+        """Write deferred state changes every FLUSH_SECONDS, so status readers see progress, and
+        as soon as the store says enough are waiting; always on a thread, off the event loop."""
+        backlog = asyncio.Event()
+        self.store.on_backlog = backlog.set
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(backlog.wait(), FLUSH_SECONDS)
+                except asyncio.TimeoutError:
+                    pass
+                backlog.clear()
+                await asyncio.to_thread(self.store.flush)
+        finally:
+            self.store.on_backlog = None
 
     async def supervise(self, producer: asyncio.Task, senders: list[asyncio.Task],
                         queue: asyncio.Queue, background: list[asyncio.Task]) -> None:

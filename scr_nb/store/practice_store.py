@@ -13,7 +13,7 @@ import json
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from itertools import islice
 from dataclasses import dataclass
@@ -43,6 +43,7 @@ CONTROL_REQUESTS = ("stop", "close", "cancel")     # Stop, Stop and Close, Cance
 RUNNING_STATUSES = ("running", "paused")
 SYNC_BATCH = 10_000                 # decisions written to the store at a time
 MAX_DEFERRED = 500                  # deferred moves written once 500 messages have some
+BACKLOG_LIMIT = 4 * MAX_DEFERRED    # ... and at once, whoever waits, once 2,000 have
 _QUEUED_FROM = ", ".join(f"'{state}'" for state in PREDECESSORS[PatientState.QUEUED])
 # Message states after which the kit moves that message no more (a requeue names its patient again)
 _ENDS = frozenset({PatientState.ACKNOWLEDGED, PatientState.FAILED})
@@ -169,6 +170,9 @@ class Store:
         # The deferred moves and attempts are noted on the event loop's thread and written on the
         # job's store thread: this guards the handing over.
         self._pending = threading.RLock()
+        # Called, when set, instead of writing once MAX_DEFERRED messages have deferred moves: a
+        # job's flusher then writes them on its own thread, off the event loop.
+        self.on_backlog: Callable[[], None] | None = None
         # message id -> pkey of the messages queued here whose moves may still come, so deferred
         # moves know their patient without reading the store
         self._pkeys: dict[str, str] = {}
@@ -652,8 +656,12 @@ class Store:
         pkey = self._pkeys.pop(message_id, None) if new in _ENDS else self._pkeys.get(message_id)
         self._defer(message_id, _Moves(new, message_fields, patient_state or new, patient_fields,
                                        pkey))
-        if not defer or len(self._moves) >= MAX_DEFERRED:
+        waiting = len(self._moves)
+        if not defer or waiting >= BACKLOG_LIMIT or \
+                (waiting >= MAX_DEFERRED and self.on_backlog is None):
             self.flush()
+        elif waiting >= MAX_DEFERRED:
+            self.on_backlog()
 
     def _defer(self, message_id: str, move: _Moves) -> None:
         """Keep ``move`` to be written after the message's moves deferred before it."""
