@@ -104,11 +104,16 @@ def test_the_control_panel_in_a_real_browser(voila, practice, today):
     assert set(held(spine)) == eligible_numbers(practice, today)
 
 
-def test_the_control_panel_of_a_practice_in_a_postgresql_store(practice, tmp_path,
-                                                                 spine_factory, pg_url, today):
-    """Under Voila the practice in a PostgreSQL store comes from SCR_NB_STORE and SCR_NB_ODS."""
+def test_the_control_panel_of_a_practice_in_a_postgresql_store(tmp_path, spine_factory, pg_url,
+                                                                 today):
+    """Under Voila the practice in a PostgreSQL store comes from SCR_NB_STORE and SCR_NB_ODS (a
+    small practice: the upload itself is the other browser test's)."""
     from playwright.sync_api import expect, sync_playwright
 
+    from scr_nb.sim.synth import write_practice
+
+    practice = tmp_path / "small"
+    write_practice(practice, 60, seed=11)
     with serving_the_panel(practice, tmp_path, spine_factory,
                            {"SCR_NB_STORE": pg_url, "SCR_NB_ODS": "A12345"}) as (url, spine):
         with sync_playwright() as playwright:
