@@ -126,6 +126,12 @@ def _report(status: dict, spine_stats: dict, summaries: list[dict], limit: float
         f"Busiest second at the Spine: {busiest} summaries accepted (the fleet's limit: "
         f"{limit:g} a second).",
     ]
+    shared = (spine_stats.get("rejected_by_code") or {}).get("30134", 0)
+    if shared:
+        lines.append(f"{shared} patients are in two practices' extracts (the synthetic practices "
+                     "draw NHS numbers from one range): the Spine already held the first "
+                     "practice's summary and answered the second with 30134, so that practice "
+                     "counts them Not Required (existing_summary_at_spine), not failed.")
     return "\n".join(lines)
 
 
