@@ -119,6 +119,17 @@ def spine(spine_factory) -> SimulatorThread:
     return spine_factory()
 
 
+def cli_login(spine, tmp_path: Path, monkeypatch) -> Path:
+    """``scr-nb login`` as the administrator at ``spine``, as a user would; the session file."""
+    from scr_nb.ui import cli
+
+    monkeypatch.setenv("SCR_NB_PASSCODE", ADMIN["passcode"])
+    session = tmp_path / "session.json"
+    assert cli.main(["login", "--identity", spine.url, "--user", ADMIN["user_id"],
+                     "--session", str(session)]) == 0
+    return session
+
+
 @pytest.fixture
 def admin_session(spine) -> sessions.Session:
     return sessions.login(spine.url, ADMIN["user_id"], ADMIN["passcode"])

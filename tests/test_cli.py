@@ -16,16 +16,12 @@ import pytest
 from scr_nb.extract.eligibility import Policy, decide, summarise
 from scr_nb.extract.reader import load_practice
 from scr_nb.ui import cli
-from tests.conftest import ADMIN
+from tests.conftest import ADMIN, cli_login
 
 
 @pytest.fixture
 def logged_in(spine, tmp_path, monkeypatch):
-    monkeypatch.setenv("SCR_NB_PASSCODE", ADMIN["passcode"])
-    session = tmp_path / "session.json"
-    assert cli.main(["login", "--identity", spine.url, "--user", ADMIN["user_id"],
-                     "--session", str(session)]) == 0
-    return session
+    return cli_login(spine, tmp_path, monkeypatch)
 
 
 def upload_args(mode, practice, tmp_path, spine, session, *extra):

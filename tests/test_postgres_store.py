@@ -23,18 +23,13 @@ from scr_nb.store.log import PracticeLog
 from scr_nb.store.practice_store import Store, read_status
 from scr_nb.store.states import Mode
 from scr_nb.ui import cli
-from tests.conftest import ADMIN
+from tests.conftest import cli_login
 from tests.test_engine import eligible_numbers, held
 
 NOW = __import__("tests.test_store", fromlist=["NOW"]).NOW
 
 
-def login(spine, tmp_path, monkeypatch):
-    monkeypatch.setenv("SCR_NB_PASSCODE", ADMIN["passcode"])
-    session = tmp_path / "session.json"
-    assert cli.main(["login", "--identity", spine.url, "--user", ADMIN["user_id"],
-                     "--session", str(session)]) == 0
-    return session
+login = cli_login
 
 
 def test_an_upload_on_postgresql_gives_what_sqlite_gives(practice, tmp_path, spine_factory,

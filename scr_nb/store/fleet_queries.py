@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from scr_nb.store.database import Database
+from scr_nb.store.practice_store import held_practice_locks
 from scr_nb.store.states import PatientState
 
 _FAILED = PatientState.FAILED.value
@@ -55,12 +56,7 @@ def read_figures(db: Database, details: bool = False) -> FleetFigures:
                            "FROM job_lock"):
             figures.lock_rows[row[0]] = dict(zip(("user_id", "user_name", "host", "pid",
                                                   "since", "started"), row[1:]))
-        figures.advisory_locks = {
-            (int(high) << 32 | int(low)) - ((1 << 64) if int(high) >= 1 << 31 else 0)
-            for high, low in db.rows(
-                "SELECT CAST(classid AS BIGINT), CAST(objid AS BIGINT) FROM pg_locks "
-                "WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND database = "
-                "(SELECT oid FROM pg_database WHERE datname = current_database())")}
+        figures.advisory_locks = held_practice_locks(db)
         if details:
             figures.eligible = {ods: int(n) for ods, n in db.rows(
                 "SELECT ods, COUNT(*) FROM patients WHERE eligibility IS NULL GROUP BY ods")}

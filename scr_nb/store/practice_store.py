@@ -859,12 +859,7 @@ class Store:
 
     def lock_taken(self) -> bool:
         """PostgreSQL: whether some connection holds this practice's advisory lock."""
-        key = practice_lock_key(self.ods)
-        return bool(self.db.scalar(
-            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "AND CAST(classid AS BIGINT) = ? AND CAST(objid AS BIGINT) = ? AND objsubid = 1",
-            ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF)))
+        return practice_lock_key(self.ods) in held_practice_locks(self.db)
 
     def status(self) -> dict:
         """The ``scr-nb status --json`` object (SPEC 10)."""
@@ -883,6 +878,16 @@ class Store:
         }
 
 
+
+
+def held_practice_locks(db: Database) -> set[int]:
+    """PostgreSQL: the practices' advisory lock keys (``practice_lock_key``) some connection to
+    this database holds now. pg_locks shows a one-number key as its high and low 32 bits."""
+    return {(high << 32 | low) - ((1 << 64) if high >= 1 << 31 else 0)
+            for high, low in db.rows(
+                "SELECT CAST(classid AS BIGINT), CAST(objid AS BIGINT) FROM pg_locks "
+                "WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND database = "
+                "(SELECT oid FROM pg_database WHERE datname = current_database())")}
 
 
 _PRACTICE_TABLES = ("practice_meta", "patients", "messages", "attempts", "jobs", "groups",

@@ -463,6 +463,14 @@ ODS_HELP = ("the practice's ODS code, naming it in a PostgreSQL store (an SQLite
             "practice)")
 
 
+def add_command(subparsers, name: str, func, help_text: str) -> argparse.ArgumentParser:
+    """A sub-command whose description is its handler's docstring (its example included)."""
+    p = subparsers.add_parser(name, help=help_text, description=func.__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser(parsing: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; given the command about to be parsed (``parsing``), one that leaves out the
     simulator's switches unless it is ``spine-sim``: importing the simulator (aiohttp's server,
@@ -471,10 +479,7 @@ def build_parser(parsing: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, func, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=func.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(func=func)
-        return p
+        return add_command(sub, name, func, help_text)
 
     p = command("synth", cmd_synth, "write a synthetic practice extract")
     p.add_argument("--patients", type=int, required=True)

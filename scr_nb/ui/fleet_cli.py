@@ -31,7 +31,7 @@ COUNTERS = ("unprocessed", "sending", "sent", "failed", "not_required")
 def add_fleet_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``fleet`` and its sub-commands (run, resume, rerun, failed, status, stop) to the
     ``scr-nb`` sub-command parsers."""
-    from scr_nb.ui.cli import add_tls_options
+    from scr_nb.ui.cli import add_command, add_tls_options
 
     fleet = subparsers.add_parser("fleet", help="many practices at once, on Dask (SPEC 12)",
                                   description=FLEET_HELP,
@@ -39,10 +39,7 @@ def add_fleet_parser(subparsers) -> argparse.ArgumentParser:
     commands = fleet.add_subparsers(dest="fleet_command", required=True)
 
     def command(name: str, func, help_text: str) -> argparse.ArgumentParser:
-        p = commands.add_parser(name, help=help_text, description=func.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(func=func)
-        return p
+        return add_command(commands, name, func, help_text)
 
     def add_stores(p: argparse.ArgumentParser) -> None:
         where = p.add_mutually_exclusive_group(required=True)
